@@ -1,0 +1,31 @@
+"""Exceptions raised by sparsecl. Every message names the file, tensor, layer or option at fault
+and says what was expected."""
+
+
+class SparseCLError(Exception):
+    """Base class of every error sparsecl raises on purpose."""
+
+
+class DataFormatError(SparseCLError, ValueError):
+    """A data file exists but its content is not what its format promises (bad magic number,
+    truncated payload, image/label count mismatch, checksum mismatch)."""
+
+
+class DataNotFoundError(SparseCLError, FileNotFoundError):
+    """A required data file is missing; the message lists every path that was looked at."""
+
+
+class UnsupportedModelError(SparseCLError, TypeError):
+    """The traced model contains an operation or topology the unit graph cannot follow."""
+
+
+class CapacityError(SparseCLError, RuntimeError):
+    """A layer has no free units left for a new task."""
+
+
+class ForgettingError(SparseCLError, AssertionError):
+    """An isolation method changed an earlier task's logits: the zero-forgetting promise broke."""
+
+
+class ConfigError(SparseCLError, ValueError):
+    """An option has a value outside what it accepts."""

@@ -1,0 +1,15 @@
+"""Continual-learning methods, one module each, all following ``base.Method``."""
+
+from .base import Method
+from .eidetic import EideticConfig, EideticNets
+from .finetune import Finetune
+from .joint import Joint
+
+#: CLI name → (method class, its hyperparameter dataclass or None)
+METHODS = {
+    "eidetic": (EideticNets, EideticConfig),
+    "finetune": (Finetune, None),
+    "joint": (Joint, None),
+}
+
+__all__ = ["METHODS", "EideticConfig", "EideticNets", "Finetune", "Joint", "Method"]

@@ -1,0 +1,68 @@
+"""The method contract: a few hooks the trainer calls, in this order, for every task t:
+
+    begin_task(net, t, task)     prepare capacity for task t (its head already exists)
+    parameters(net, t)           what the task's optimizer may update
+    train_task(session)          learn the task, using the services of ``session``
+    end_task(session)            select task t's subnetwork and freeze it
+    capacity(net)                per-layer fraction of units owned, for the report
+
+and, around every optimizer step of every training epoch, ``loss``, ``before_step`` and
+``after_step``. A method never reaches into the trainer: everything it may do while learning a
+task (train an epoch, measure accuracy, snapshot and roll back) goes through the
+``TaskSession`` it is handed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar, Iterator
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from ..data.types import TaskData
+    from ..network import ContinualNetwork
+    from ..trainer import TaskSession
+
+
+class Method:
+    """Base class: plain training of the current head and the whole body (fine-tuning)."""
+
+    name: ClassVar[str] = "base"
+    #: True when the method promises zero forgetting; the trainer then treats any change of an
+    #: earlier task's logits as an error.
+    isolates: ClassVar[bool] = False
+
+    def setup(self, net: "ContinualNetwork") -> None:
+        """Called once, before the first task."""
+
+    def begin_task(self, net: "ContinualNetwork", t: int, task: "TaskData") -> None:
+        """Called when task ``t`` starts, after its head was added."""
+
+    def parameters(self, net: "ContinualNetwork", t: int) -> Iterator[nn.Parameter]:
+        """Parameters handed to task ``t``'s optimizer: the body and the task's own head."""
+        yield from net.body.parameters()
+        yield from net.heads[t].parameters()
+
+    def loss(self, net: "ContinualNetwork", x: torch.Tensor, y: torch.Tensor,
+             tasks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training loss of a batch and a bool ``(N,)`` tensor of correct predictions."""
+        return net.task_loss(x, y, tasks)
+
+    def before_step(self, net: "ContinualNetwork") -> None:
+        """After ``backward``, before ``optimizer.step()``."""
+
+    def after_step(self, net: "ContinualNetwork") -> None:
+        """Right after ``optimizer.step()``."""
+
+    def train_task(self, session: "TaskSession") -> None:
+        """Learn the current task; by default, the configured number of epochs."""
+        session.fit(session.config.epochs)
+
+    def end_task(self, session: "TaskSession") -> None:
+        """Called after training; isolation methods select and freeze here."""
+
+    def capacity(self, net: "ContinualNetwork") -> dict[str, float]:
+        """Fraction of each unit layer's units in use after the current task. A method without
+        isolation uses (and overwrites) every unit."""
+        return {name: 1.0 for name in net.graph.layers}

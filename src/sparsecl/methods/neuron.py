@@ -1,0 +1,165 @@
+"""Neuron-level isolation: the part shared by EideticNets and CLNP.
+
+Rules (DESIGN §2), for a unit layer L reading layer S, while task t trains:
+
+* rows of L owned by earlier tasks are frozen whole (weights and bias);
+* rows of L free at the start of t were re-initialized and train, except
+  - the rows (and biases) of units pruned during t, held at exact zero, and
+  - their columns that read a unit of S pruned during t (exact zero), or, with forward transfer
+    off, a unit of S owned by an earlier task (exact zero);
+* task t's head follows the same column rules.
+
+When t ends, its surviving units become its own and every entry of its rows (and of its head)
+that reads a unit still free is set to zero before freezing: those units will be recycled, and
+their later values must never reach task t (interference). The forward pass stays the plain
+dense network; earlier tasks are untouched because every path into them is either frozen or an
+exact zero.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..freeze import Freezer
+from ..ledger import CapacityLedger
+from .base import Method
+
+
+class NeuronIsolation(Method):
+    """Base of methods whose capacity unit is a neuron. Subclasses decide which units task t
+    keeps by calling ``prune`` (and may roll back with ``pruned_state``/``set_pruned``) before
+    ``end_task`` freezes the survivors."""
+
+    isolates = True
+
+    def __init__(self, forward_transfer: bool = True):
+        self.forward_transfer = forward_transfer
+        self.ledger: CapacityLedger | None = None
+        self.freezer = Freezer()
+        self.pruned: dict[str, torch.Tensor] = {}
+        self.available: dict[str, torch.Tensor] = {}
+
+    # ---- hooks -------------------------------------------------------------------------------
+    def setup(self, net) -> None:
+        self.ledger = CapacityLedger({name: l.num_units for name, l in net.graph.layers.items()})
+
+    def begin_task(self, net, t: int, task) -> None:
+        for name in net.graph.layers:
+            self.ledger.require_free(name, t)
+        if t > 0:
+            self._reinitialize_free_units(net)
+        self.available = {name: self.ledger.free(name).clone() for name in net.graph.layers}
+        self.pruned = {name: torch.zeros_like(free) for name, free in self.available.items()}
+        self._apply(net, t)
+
+    def before_step(self, net) -> None:
+        self.freezer.zero_grads()
+
+    def after_step(self, net) -> None:
+        self.freezer.restore()
+
+    def end_task(self, session) -> None:
+        self.select(session)
+        self.freeze(session.net, session.t)
+
+    def capacity(self, net) -> dict[str, float]:
+        return {name: self.ledger.usage(name) for name in net.graph.layers}
+
+    # ---- selection ---------------------------------------------------------------------------
+    def select(self, session) -> None:
+        """Decide task t's units by calling ``prune``; by default every free unit is kept."""
+
+    def candidates(self, layer: str) -> torch.Tensor:
+        """Bool mask of the units task t may still prune in ``layer``: free at the start of the
+        task and not pruned yet. Frozen units are never candidates."""
+        return self.available[layer] & ~self.pruned[layer]
+
+    def prune(self, net, t: int, units: dict[str, torch.Tensor]) -> None:
+        """Remove the units selected by bool masks ``units`` (layer → ``(num_units,)``) from task
+        t: their rows, biases and outgoing columns become exact zeros held by the freezer.
+
+        Raises:
+            ValueError: a selected unit is not a candidate (frozen, or pruned already).
+        """
+        for name, mask in units.items():
+            bad = mask & ~self.candidates(name)
+            if bad.any():
+                raise ValueError(f"layer '{name}': units {bad.nonzero().flatten().tolist()[:10]} are "
+                                 f"not prunable for task {t} (frozen by an earlier task or pruned already)")
+            self.pruned[name] = self.pruned[name] | mask
+        self._apply(net, t)
+
+    def pruned_state(self) -> dict[str, torch.Tensor]:
+        return {name: mask.clone() for name, mask in self.pruned.items()}
+
+    def set_pruned(self, net, t: int, pruned: dict[str, torch.Tensor]) -> None:
+        """Restore a pruning state saved with ``pruned_state`` (after the weights were rolled back)."""
+        self.pruned = {name: mask.clone() for name, mask in pruned.items()}
+        self._apply(net, t)
+
+    # ---- mechanics ---------------------------------------------------------------------------
+    def _connections(self, net, t: int) -> Iterator[tuple[nn.Linear, torch.Tensor, torch.Tensor, str | None]]:
+        """Yield ``(module, row_free, row_pruned, source)`` for every unit layer and for task t's
+        head: the rows task t may train (for the head, all), the rows pruned during t (for the
+        head, none) and the unit layer the module reads (``None``: the model input)."""
+        for name, layer in net.graph.layers.items():
+            yield layer.module, self.ledger.free(name), self.pruned[name], layer.source
+        head = net.heads[t]
+        rows = torch.ones(head.out_features, dtype=torch.bool)
+        yield head, rows, ~rows, net.graph.head_source
+
+    @torch.no_grad()
+    def _apply(self, net, t: int) -> None:
+        """Zero the pruned and (without forward transfer) the old-reading entries of trainable
+        rows, then hold every frozen or zeroed entry with the freezer."""
+        self.freezer.clear()
+        for module, row_free, row_pruned, source in self._connections(net, t):
+            w, b = module.weight, module.bias
+            dev = w.device
+            row_free, row_pruned = row_free.to(dev), row_pruned.to(dev)
+            row_fixed = ~row_free | row_pruned
+            col_zero = torch.zeros(w.shape[1], dtype=torch.bool, device=dev)
+            if source is not None:
+                col_zero |= self.pruned[source].to(dev)
+                if not self.forward_transfer:
+                    col_zero |= ~self.ledger.free(source).to(dev)
+            w.masked_fill_(row_pruned[:, None] | (row_free[:, None] & col_zero[None, :]), 0.0)
+            self.freezer.fix(w, row_fixed[:, None] | col_zero[None, :])
+            if b is not None:
+                b.masked_fill_(row_pruned, 0.0)
+                self.freezer.fix(b, row_fixed)
+
+    @torch.no_grad()
+    def freeze(self, net, t: int) -> None:
+        """Give task t its surviving units, cut their reads of still-free units, record usage."""
+        for name in net.graph.layers:
+            self.ledger.assign(name, self.candidates(name), t)
+        for name, layer in net.graph.layers.items():
+            self._cut_reads_of_free(layer.module.weight, self.ledger.owned_by(name, t), layer.source)
+        head = net.heads[t]
+        self._cut_reads_of_free(head.weight, torch.ones(head.out_features, dtype=torch.bool),
+                                net.graph.head_source)
+        self.freezer.clear()
+        self.pruned = {}
+        self.ledger.record()
+
+    def _cut_reads_of_free(self, weight: torch.Tensor, rows: torch.Tensor, source: str | None) -> None:
+        if source is None:
+            return
+        dev = weight.device
+        weight.masked_fill_(rows.to(dev)[:, None] & self.ledger.free(source).to(dev)[None, :], 0.0)
+
+    @torch.no_grad()
+    def _reinitialize_free_units(self, net) -> None:
+        """Fresh default initialization (the module's own ``reset_parameters``) of every free row."""
+        for name, layer in net.graph.layers.items():
+            free = self.ledger.free(name).to(layer.module.weight.device)
+            fresh = copy.deepcopy(layer.module)
+            fresh.reset_parameters()
+            layer.module.weight[free] = fresh.weight[free]
+            if layer.module.bias is not None:
+                layer.module.bias[free] = fresh.bias[free]

@@ -1,0 +1,71 @@
+"""Continual-learning metrics as pure functions of the accuracy matrix (DESIGN §6).
+
+``R[t][i]`` is the test accuracy on task ``i`` after training task ``t`` (0-based, ``T`` tasks;
+entries above the diagonal are ``None``). Accuracies are fractions in [0, 1]. Definitions follow
+Lopez-Paz & Ranzato (2017, GEM) for ACC/BWT/FWT and Chaudhry et al. (2018, RWalk) for forgetting.
+"""
+
+from __future__ import annotations
+
+import platform
+from typing import Sequence
+
+Matrix = Sequence[Sequence[float | None]]
+
+
+def _square(R: Matrix) -> int:
+    T = len(R)
+    if T == 0 or any(len(row) != T for row in R):
+        raise ValueError(f"the accuracy matrix must be square and non-empty, got {len(R)} rows")
+    for t in range(T):
+        if any(R[t][i] is None for i in range(t + 1)):
+            raise ValueError(f"accuracy matrix row {t} has missing entries at or below the diagonal")
+    return T
+
+
+def average_accuracy(R: Matrix) -> float:
+    """ACC = mean_i R[T-1][i]: accuracy on every task after the last one."""
+    T = _square(R)
+    return sum(R[T - 1][i] for i in range(T)) / T
+
+
+def backward_transfer(R: Matrix) -> float | None:
+    """BWT = mean_{i<T-1} (R[T-1][i] - R[i][i]); negative means forgetting. ``None`` if T = 1."""
+    T = _square(R)
+    if T < 2:
+        return None
+    return sum(R[T - 1][i] - R[i][i] for i in range(T - 1)) / (T - 1)
+
+
+def forgetting(R: Matrix) -> float | None:
+    """Mean over i<T-1 of (max_{t<T-1} R[t][i] - R[T-1][i]): the drop from each task's best
+    accuracy to its final one. ``None`` if T = 1."""
+    T = _square(R)
+    if T < 2:
+        return None
+    return sum(max(R[t][i] for t in range(i, T - 1)) - R[T - 1][i] for i in range(T - 1)) / (T - 1)
+
+
+def forward_transfer(R: Matrix, baseline: Sequence[float]) -> float | None:
+    """FWT = mean_{i>0} (R[i-1][i] - b_i), ``b_i`` the accuracy of a freshly initialized network
+    on task i. Needs the accuracy of task i *before* it is trained, which only exists for
+    methods that can predict an unseen task (a shared head). ``None`` if T = 1."""
+    T = _square(R)
+    if len(baseline) != T:
+        raise ValueError(f"baseline has {len(baseline)} entries for {T} tasks")
+    if T < 2:
+        return None
+    if any(R[i - 1][i] is None for i in range(1, T)):
+        raise ValueError("forward transfer needs R[i-1][i], the accuracy on task i before training it")
+    return sum(R[i - 1][i] - baseline[i] for i in range(1, T)) / (T - 1)
+
+
+def versions() -> dict[str, str]:
+    """Versions of what produced a result, recorded in ``metrics.json``."""
+    import numpy
+    import torch
+
+    from . import __version__
+
+    return {"sparsecl": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+            "python": platform.python_version()}

@@ -1,0 +1,290 @@
+"""The task loop: for each task, train through the method's hooks, evaluate every task seen so
+far, and verify that earlier tasks' logits did not move (DESIGN §2.1)."""
+
+from __future__ import annotations
+
+import copy
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+from . import metrics
+from .data.types import Benchmark, TaskData
+from .errors import ConfigError, ForgettingError
+from .methods.base import Method
+from .network import ContinualNetwork
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
+@dataclass
+class TrainConfig:
+    """Options of the task loop shared by every method.
+
+    ``epochs`` is the training budget per task (for EideticNets, the cap of training before
+    pruning); ``lr``, ``weight_decay`` and ``momentum`` configure ``optimizer`` (``momentum`` is
+    SGD's; Adam/AdamW use their default betas). ``probe_size`` test samples per task are kept to
+    verify zero forgetting bitwise.
+    """
+
+    epochs: int = 10
+    batch_size: int = 256
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    seed: int = 0
+    eval_batch_size: int = 1024
+    probe_size: int = 256
+    device: str = "cpu"
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got '{self.optimizer}'")
+        for name in ("epochs", "batch_size", "eval_batch_size", "probe_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("lr", "weight_decay", "momentum"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be non-negative, got {getattr(self, name)}")
+
+
+def make_optimizer(params: Sequence[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def as_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels 0..255 → float32 in [0, 1]; float input is returned unchanged."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x
+
+
+def training_step(net: ContinualNetwork, method: Method, optimizer: torch.optim.Optimizer,
+                  x: torch.Tensor, y: torch.Tensor, tasks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step through the method's hooks; returns ``(loss, correct)`` (detached)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss, correct = method.loss(net, x, y, tasks)
+    loss.backward()
+    method.before_step(net)
+    optimizer.step()
+    method.after_step(net)
+    return loss.detach(), correct
+
+
+@torch.no_grad()
+def predict(net: ContinualNetwork, x: torch.Tensor, task: int, batch_size: int, device: str) -> torch.Tensor:
+    """Logits of task ``task`` for every row of ``x``, in eval mode; shape ``(N, num_classes)``."""
+    was_training = net.training
+    net.eval()
+    out = [net(as_float(x[i:i + batch_size].to(device)), task) for i in range(0, len(x), batch_size)]
+    net.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def accuracy(net: ContinualNetwork, x: torch.Tensor, y: torch.Tensor, task: int,
+             batch_size: int, device: str) -> float:
+    """Fraction of ``x`` classified as ``y`` by task ``task``'s head (eval mode)."""
+    if len(x) == 0:
+        raise ConfigError(f"cannot measure accuracy of task {task} on an empty set")
+    return float((predict(net, x, task, batch_size, device).argmax(1).cpu() == y).float().mean())
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    accuracy: float  # running training accuracy (train mode), fraction
+
+
+class TaskSession:
+    """What the trainer lends a method while it learns task ``t``: training epochs over the
+    task's data (or several tasks' data), accuracy measurements, and snapshot/rollback of the
+    network and optimizer state."""
+
+    def __init__(self, net: ContinualNetwork, method: Method, t: int, seen: list[TaskData],
+                 config: TrainConfig, progress: Progress | None):
+        self.net, self.method, self.t, self.seen, self.config = net, method, t, seen, config
+        self.task = seen[t]
+        self.optimizer = make_optimizer(list(method.parameters(net, t)), config)
+        self.generator = torch.Generator().manual_seed(config.seed * 1_000_003 + t)
+        self.epochs_trained = 0
+        self._progress = progress
+
+    def batches(self, tasks: Sequence[TaskData] | None = None, split: str = "train",
+                shuffle: bool = True, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Mini-batches ``(x, y, task_ids)`` on the device over ``split`` of ``tasks`` (default:
+        the current task), shuffled with the session's seeded generator."""
+        tasks = [self.task] if tasks is None else list(tasks)
+        xs = [getattr(task, f"{split}_x") for task in tasks]
+        ys = [getattr(task, f"{split}_y") for task in tasks]
+        ids = [torch.full((len(y),), task.task_id, dtype=torch.long) for task, y in zip(tasks, ys)]
+        x, y, ids = (xs[0], ys[0], ids[0]) if len(tasks) == 1 else (torch.cat(xs), torch.cat(ys), torch.cat(ids))
+        if len(x) == 0:
+            raise ConfigError(f"task {self.t} ('{self.task.name}') has no {split} samples")
+        n, bs = len(x), batch_size or self.config.batch_size
+        order = torch.randperm(n, generator=self.generator) if shuffle else torch.arange(n)
+        dev = self.config.device
+        for i in range(0, n, bs):
+            idx = order[i:i + bs]
+            yield as_float(x[idx].to(dev)), y[idx].to(dev), ids[idx].to(dev)
+
+    def train_epoch(self, tasks: Sequence[TaskData] | None = None) -> EpochStats:
+        """One pass over the training data of ``tasks`` (default: the current task)."""
+        self.net.train()
+        total_loss = torch.zeros(())
+        correct = seen = 0
+        batches = self.batches(tasks)
+        bar = None
+        if self._progress is not None:
+            n = sum(len(t.train_y) for t in (tasks or [self.task]))
+            bar = self._progress.add_task(f"task {self.t} epoch {self.epochs_trained + 1}",
+                                          total=-(-n // self.config.batch_size))
+        for x, y, ids in batches:
+            loss, ok = training_step(self.net, self.method, self.optimizer, x, y, ids)
+            total_loss += loss.cpu() * len(y)
+            correct += int(ok.sum())
+            seen += len(y)
+            if bar is not None:
+                self._progress.advance(bar)
+        if bar is not None:
+            self._progress.remove_task(bar)
+        self.epochs_trained += 1
+        return EpochStats(float(total_loss) / seen, correct / seen)
+
+    def fit(self, epochs: int, tasks: Sequence[TaskData] | None = None) -> list[EpochStats]:
+        return [self.train_epoch(tasks) for _ in range(epochs)]
+
+    def accuracy(self, split: str = "train") -> float:
+        """Accuracy of the current task on ``split`` ('train', 'val' or 'test'), eval mode."""
+        return accuracy(self.net, getattr(self.task, f"{split}_x"), getattr(self.task, f"{split}_y"),
+                        self.t, self.config.eval_batch_size, self.config.device)
+
+    def scale_lr(self, factor: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] *= factor
+
+    def snapshot(self) -> tuple[dict, dict]:
+        """Copy of the network's and the optimizer's state, for ``rollback``."""
+        return copy.deepcopy(self.net.state_dict()), copy.deepcopy(self.optimizer.state_dict())
+
+    def rollback(self, state: tuple[dict, dict]) -> None:
+        self.net.load_state_dict(state[0])
+        self.optimizer.load_state_dict(state[1])
+
+
+@dataclass
+class RunResult:
+    """What a run produced; ``to_dict`` is the content of ``metrics.json``."""
+
+    accuracy_matrix: list[list[float | None]]
+    max_logit_change: float
+    capacity: dict[str, list[float]]
+    seconds_per_task: list[float]
+    config: dict
+    method: str
+    benchmark: str
+    benchmark_info: dict = field(default_factory=dict)
+
+    @property
+    def acc(self) -> float:
+        return metrics.average_accuracy(self.accuracy_matrix)
+
+    @property
+    def bwt(self) -> float | None:
+        return metrics.backward_transfer(self.accuracy_matrix)
+
+    @property
+    def forgetting(self) -> float | None:
+        return metrics.forgetting(self.accuracy_matrix)
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "benchmark": self.benchmark,
+            "accuracy_matrix": self.accuracy_matrix,
+            "acc": self.acc,
+            "bwt": self.bwt,
+            "forgetting": self.forgetting,
+            "max_logit_change": self.max_logit_change,
+            "capacity": self.capacity,
+            "config": self.config,
+            "benchmark_info": self.benchmark_info,
+            "versions": metrics.versions(),
+            "seconds": sum(self.seconds_per_task),
+            "seconds_per_task": self.seconds_per_task,
+        }
+
+
+class Trainer:
+    """Runs a method over a benchmark's task stream.
+
+    After task t it fills row t of the accuracy matrix R[t][i] (test accuracy of every task
+    i <= t, re-evaluated, never copied forward) and compares every earlier task's logits on its
+    probe batch with those recorded when that task ended. Any difference is reported as
+    ``max_logit_change``; for a method with ``isolates = True`` it raises ``ForgettingError``.
+    """
+
+    def __init__(self, method: Method, config: TrainConfig | None = None):
+        self.method = method
+        self.config = config or TrainConfig()
+
+    def fit(self, model: nn.Module | ContinualNetwork, benchmark: Benchmark) -> RunResult:
+        cfg, method = self.config, self.method
+        if benchmark.num_tasks == 0:
+            raise ConfigError(f"benchmark '{benchmark.name}' has no tasks")
+        torch.manual_seed(cfg.seed)
+        net = model if isinstance(model, ContinualNetwork) else ContinualNetwork(model)
+        net.to(cfg.device)
+        method.setup(net)
+        T = benchmark.num_tasks
+        R: list[list[float | None]] = [[None] * T for _ in range(T)]
+        probes: list[tuple[torch.Tensor, torch.Tensor]] = []
+        capacity: dict[str, list[float]] = {}
+        seconds: list[float] = []
+        max_change = 0.0
+        progress = _progress() if cfg.progress else None
+        with progress or nullcontext():
+            for t, task in enumerate(benchmark.tasks):
+                start = time.perf_counter()
+                if task.task_id != t:
+                    raise ConfigError(f"task '{task.name}' has task_id {task.task_id}, expected {t}")
+                net.add_head(task.num_classes)
+                method.begin_task(net, t, task)
+                session = TaskSession(net, method, t, benchmark.tasks[: t + 1], cfg, progress)
+                method.train_task(session)
+                method.end_task(session)
+                net.eval()
+                probe_x = task.test_x[: cfg.probe_size]
+                probes.append((probe_x, predict(net, probe_x, t, cfg.eval_batch_size, cfg.device)))
+                for i in range(t + 1):
+                    prev = benchmark.tasks[i]
+                    R[t][i] = accuracy(net, prev.test_x, prev.test_y, i, cfg.eval_batch_size, cfg.device)
+                for i, (px, logits) in enumerate(probes[:-1]):
+                    now = predict(net, px, i, cfg.eval_batch_size, cfg.device)
+                    change = float((now - logits).abs().max())
+                    max_change = max(max_change, change)
+                    if method.isolates and not torch.equal(now, logits):
+                        raise ForgettingError(
+                            f"method '{method.name}' changed the logits of task {i} while learning "
+                            f"task {t} (largest absolute change {change:g}); zero forgetting broke")
+                for name, used in method.capacity(net).items():
+                    capacity.setdefault(name, []).append(used)
+                seconds.append(time.perf_counter() - start)
+                if progress is not None:
+                    row = " ".join(f"{a:.3f}" for a in R[t][: t + 1])
+                    progress.console.log(f"task {t} done in {seconds[-1]:.1f}s; accuracy {row}")
+        return RunResult(R, max_change, capacity, seconds, asdict(cfg), method.name,
+                         benchmark.name, dict(benchmark.info))
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), transient=True)
