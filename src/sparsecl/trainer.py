@@ -162,10 +162,12 @@ class TaskSession:
     def fit(self, epochs: int, tasks: Sequence[TaskData] | None = None) -> list[EpochStats]:
         return [self.train_epoch(tasks) for _ in range(epochs)]
 
-    def accuracy(self, split: str = "train") -> float:
-        """Accuracy of the current task on ``split`` ('train', 'val' or 'test'), eval mode."""
-        return accuracy(self.net, getattr(self.task, f"{split}_x"), getattr(self.task, f"{split}_y"),
-                        self.t, self.config.eval_batch_size, self.config.device)
+    def accuracy(self, split: str = "train", max_samples: int | None = None) -> float:
+        """Accuracy of the current task on ``split`` ('train', 'val' or 'test'), eval mode, over
+        the split's first ``max_samples`` samples (default: all)."""
+        x, y = getattr(self.task, f"{split}_x"), getattr(self.task, f"{split}_y")
+        return accuracy(self.net, x[:max_samples], y[:max_samples], self.t,
+                        self.config.eval_batch_size, self.config.device)
 
     def scale_lr(self, factor: float) -> None:
         for group in self.optimizer.param_groups:

@@ -4,6 +4,7 @@ iteratively while training accuracy holds, freeze the survivors and recycle the 
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -32,6 +33,10 @@ class EideticConfig:
     max_pruned_ratio: float = _opt("maximum fraction of a layer's available units pruned per task", default=1.0)
     forward_transfer: bool = _opt("new units may read units of earlier tasks", default=True)
     pruning_lr_factor: float = _opt("learning-rate factor applied before pruning starts", default=0.5)
+    score_batches: int | None = _opt("taylor: training batches the scores are accumulated over "
+                                     "(default: the whole training set)", default=None)
+    accuracy_samples: int | None = _opt("training samples (the task's first N) on which the stop rule "
+                                        "measures accuracy (default: the whole training set)", default=None)
 
     def __post_init__(self) -> None:
         if self.score not in SCORES:
@@ -42,6 +47,9 @@ class EideticConfig:
             raise ConfigError(f"--tolerance must be in [0, 1), got {self.tolerance}")
         if not 0 <= self.max_pruned_ratio <= 1:
             raise ConfigError(f"--max-pruned-ratio must be in [0, 1], got {self.max_pruned_ratio}")
+        for name in ("score_batches", "accuracy_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.patience < 1 or self.recovery_epochs < 0 or self.pruning_lr_factor <= 0:
             raise ConfigError("--patience must be >= 1, --recovery-epochs >= 0 and "
                               "--pruning-lr-factor > 0")
@@ -56,8 +64,9 @@ class EideticNets(NeuronIsolation):
     every hidden layer (lowest score first; frozen units are never scored), recovers for up to
     ``recovery_epochs`` epochs until training accuracy is back within ``best*(1-tolerance)``,
     and otherwise rolls the step back — weights, optimizer state and pruning masks — and stops.
-    Training accuracy for the stop rule is measured in eval mode over the task's whole training
-    set, so dropout noise cannot trigger or hide a drop.
+    Training accuracy for the stop rule is measured in eval mode over the task's training set, so
+    dropout noise cannot trigger or hide a drop. ``score_batches`` and ``accuracy_samples`` bound
+    the cost of a pruning step on slow machines (the paper uses the whole training set for both).
     """
 
     name = "eidetic"
@@ -81,7 +90,7 @@ class EideticNets(NeuronIsolation):
     def select(self, session) -> None:
         cfg, net, t = self.config, session.net, session.t
         session.scale_lr(cfg.pruning_lr_factor)
-        best = session.accuracy("train")
+        best = session.accuracy("train", self.config.accuracy_samples)
         entry = {"task": t, "epochs": session.epochs_trained, "best_train_accuracy": best, "steps": 0,
                  "rolled_back": False}
         limit = {n: math.floor(cfg.max_pruned_ratio * int(a.sum())) for n, a in self.available.items()}
@@ -91,12 +100,12 @@ class EideticNets(NeuronIsolation):
                 break
             state, pruned = session.snapshot(), self.pruned_state()
             self.prune(net, t, chosen)
-            acc = session.accuracy("train")
+            acc = session.accuracy("train", self.config.accuracy_samples)
             for _ in range(cfg.recovery_epochs):
                 if acc >= best * (1 - cfg.tolerance):
                     break
                 session.train_epoch()
-                acc = session.accuracy("train")
+                acc = session.accuracy("train", self.config.accuracy_samples)
             if acc < best * (1 - cfg.tolerance):
                 session.rollback(state)
                 self.set_pruned(net, t, pruned)
@@ -104,7 +113,7 @@ class EideticNets(NeuronIsolation):
                 break
             best = max(best, acc)
             entry["steps"] += 1
-        entry["final_train_accuracy"] = session.accuracy("train")
+        entry["final_train_accuracy"] = session.accuracy("train", self.config.accuracy_samples)
         entry["pruned"] = {n: int(m.sum()) for n, m in self.pruned.items()}
         entry["kept"] = {n: int(self.candidates(n).sum()) for n in self.pruned}
         self.log.append(entry)
@@ -132,6 +141,7 @@ class EideticNets(NeuronIsolation):
     def _scores(self, session) -> dict[str, torch.Tensor]:
         if self.config.score == "taylor":
             net = session.net
-            return taylor_scores(net, session.batches(shuffle=False, batch_size=session.config.eval_batch_size),
-                                 net.task_loss)
+            batches = itertools.islice(session.batches(shuffle=False, batch_size=session.config.eval_batch_size),
+                                       self.config.score_batches)
+            return taylor_scores(net, batches, net.task_loss)
         return weight_norm_scores(session.net, 1 if self.config.score == "l1" else 2)

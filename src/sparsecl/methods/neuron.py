@@ -56,9 +56,6 @@ class NeuronIsolation(Method):
         self.pruned = {name: torch.zeros_like(free) for name, free in self.available.items()}
         self._apply(net, t)
 
-    def before_step(self, net) -> None:
-        self.freezer.zero_grads()
-
     def after_step(self, net) -> None:
         self.freezer.restore()
 
@@ -128,7 +125,7 @@ class NeuronIsolation(Method):
                 if not self.forward_transfer:
                     col_zero |= ~self.ledger.free(source).to(dev)
             w.masked_fill_(row_pruned[:, None] | (row_free[:, None] & col_zero[None, :]), 0.0)
-            self.freezer.fix(w, row_fixed[:, None] | col_zero[None, :])
+            self.freezer.fix(w, row_fixed, col_zero)
             if b is not None:
                 b.masked_fill_(row_pruned, 0.0)
                 self.freezer.fix(b, row_fixed)

@@ -1,0 +1,133 @@
+"""Checksum-verified download of MNIST / Fashion-MNIST into ``<root>/<dataset>/raw/``.
+
+Each file is streamed into a temporary file in the target directory, its MD5 compared with the
+official one, and only then moved into place with :func:`os.replace` (atomic), so an interrupted
+or corrupt download never leaves a partial file under the final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from ..errors import ConfigError, DataFormatError, DataNotFoundError
+
+__all__ = ["MIRRORS", "MD5S", "download_mnist_like", "file_md5"]
+
+#: Default mirror of each data set (a ``base_url`` argument overrides it).
+MIRRORS: dict[str, str] = {
+    "MNIST": "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "FashionMNIST": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+}
+
+#: Official MD5 of each gzip file.
+MD5S: dict[str, dict[str, str]] = {
+    "MNIST": {
+        "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+        "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+        "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+        "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+    },
+    "FashionMNIST": {
+        "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+        "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+        "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+        "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+    },
+}
+
+_CHUNK = 1 << 20
+
+
+def file_md5(path: str | os.PathLike) -> str:
+    """Hex MD5 of a file's bytes."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fetch(url: str, dest: Path, expected_md5: str, timeout: float, progress: bool) -> None:
+    """Download ``url`` to ``dest`` through a temporary file in ``dest.parent``; verify its MD5."""
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    tmp = Path(tmp_name)
+    try:
+        digest = hashlib.md5(usedforsecurity=False)
+        size = 0
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+                total = response.headers.get("Content-Length")
+                for chunk in iter(lambda: response.read(_CHUNK), b""):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
+                    if progress:
+                        done = f"{size / 2**20:.1f} MiB" + (f" / {int(total) / 2**20:.1f} MiB" if total else "")
+                        print(f"\r  {dest.name}: {done}", end="", file=sys.stderr, flush=True)
+                if total is not None and total.isdigit() and size != int(total):
+                    raise OSError(f"connection closed after {size} of {total} bytes")
+        except (OSError, http.client.HTTPException, ValueError) as exc:  # URLError is an OSError
+            plain_url_error = isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError)
+            reason = exc.reason if plain_url_error else exc
+            raise DataNotFoundError(
+                f"{url}: download failed ({reason}); expected {dest.name} with MD5 {expected_md5}. "
+                f"Check the network or pass base_url to use another mirror; nothing was written to {dest}"
+            ) from exc
+        finally:
+            if progress:
+                print(file=sys.stderr, flush=True)
+        actual = digest.hexdigest()
+        if actual != expected_md5:
+            raise DataFormatError(
+                f"{url}: checksum mismatch for {dest.name}: expected MD5 {expected_md5}, got {actual} "
+                f"({size} bytes); the download was discarded"
+            )
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def download_mnist_like(
+    root: str | os.PathLike,
+    dataset: str,
+    base_url: str | None = None,
+    progress: bool = False,
+    timeout: float = 60.0,
+) -> Path:
+    """Download the four gzip files of ``dataset`` ("MNIST" or "FashionMNIST") into
+    ``<root>/<dataset>/raw/`` (created if needed), verifying each file's official MD5.
+
+    Files already present with the right MD5 are skipped; a present file with a wrong MD5 is
+    downloaded again and replaced. ``base_url`` (a directory URL holding the four files) overrides
+    the default mirror in :data:`MIRRORS`. With ``progress`` a progress line goes to stderr.
+
+    Returns:
+        The ``raw`` directory.
+
+    Raises:
+        ConfigError: unknown ``dataset``.
+        DataNotFoundError: a network or HTTP error (the message names the URL and expected MD5).
+        DataFormatError: a downloaded file's MD5 differs from the official one (the message names
+            the URL, expected and actual MD5).
+        In both error cases no partial or temporary file is left behind.
+    """
+    if dataset not in MD5S:
+        raise ConfigError(f"dataset {dataset!r} cannot be downloaded; known: {', '.join(MD5S)}")
+    base = (base_url or MIRRORS[dataset]).rstrip("/") + "/"
+    raw_dir = Path(root).expanduser() / dataset / "raw"
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    for name, md5 in MD5S[dataset].items():
+        dest = raw_dir / name
+        if dest.is_file() and file_md5(dest) == md5:
+            continue
+        if progress:
+            print(f"downloading {base}{name}", file=sys.stderr, flush=True)
+        _fetch(base + name, dest, md5, timeout, progress)
+    return raw_dir

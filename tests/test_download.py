@@ -1,0 +1,185 @@
+"""Checksum-verified download against a local HTTP server on 127.0.0.1 serving copies of the real
+files (no outside network)."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import shutil
+import socket
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sparsecl.data import download_mnist_like, load_benchmark, load_mnist_like
+from sparsecl.data import download as download_module
+from sparsecl.data.download import MD5S
+from sparsecl.errors import DataFormatError, DataNotFoundError
+
+FILES = sorted(MD5S["MNIST"])
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # keep the test output clean
+        pass
+
+
+class _TruncatingHandler(_QuietHandler):
+    """Announces 1 MB of content, sends 10 bytes and closes the connection."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(1 << 20))
+        self.end_headers()
+        self.wfile.write(b"0123456789")
+        self.wfile.flush()
+        self.close_connection = True
+
+
+def _serve(directory: Path, handler=_QuietHandler):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(directory)))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/"
+
+
+@pytest.fixture
+def serve():
+    servers = []
+
+    def start(directory: Path, handler=_QuietHandler) -> str:
+        server, url = _serve(directory, handler)
+        servers.append(server)
+        return url
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def mirror(data_root, tmp_path_factory) -> Path:
+    """A directory holding copies of the real MNIST .gz files, as a mirror would."""
+    directory = tmp_path_factory.mktemp("mirror")
+    for name in FILES:
+        shutil.copy(data_root / "MNIST" / "raw" / name, directory)
+    return directory
+
+
+def _closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/"  # nothing listens there any more
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_download_verifies_and_loads(mirror, serve, tmp_path, data_root):
+    url = serve(mirror)
+    raw = download_mnist_like(tmp_path / "root", "MNIST", base_url=url)
+    assert raw == tmp_path / "root" / "MNIST" / "raw"
+    assert sorted(p.name for p in raw.iterdir()) == FILES  # no temporary files left
+    for name in FILES:
+        assert _md5(raw / name) == MD5S["MNIST"][name]
+    images, labels = load_mnist_like(tmp_path / "root", "MNIST", train=False)
+    ref_images, ref_labels = load_mnist_like(data_root, "MNIST", train=False)
+    np.testing.assert_array_equal(images, ref_images)
+    np.testing.assert_array_equal(labels, ref_labels)
+
+
+def test_present_files_are_not_downloaded_again(mirror, serve, tmp_path):
+    root = tmp_path / "root"
+    download_mnist_like(root, "MNIST", base_url=serve(mirror))
+    before = {p.name: p.stat().st_mtime_ns for p in (root / "MNIST" / "raw").iterdir()}
+    # nothing listens at this URL: any request would fail
+    download_mnist_like(root, "MNIST", base_url=_closed_port_url())
+    after = {p.name: p.stat().st_mtime_ns for p in (root / "MNIST" / "raw").iterdir()}
+    assert after == before
+
+
+def test_present_file_with_wrong_md5_is_replaced(mirror, serve, tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(b"stale")
+    download_mnist_like(tmp_path, "MNIST", base_url=serve(mirror))
+    assert _md5(raw / "t10k-labels-idx1-ubyte.gz") == MD5S["MNIST"]["t10k-labels-idx1-ubyte.gz"]
+
+
+def test_checksum_mismatch_leaves_nothing_behind(mirror, serve, tmp_path):
+    bad_mirror = tmp_path / "bad-mirror"
+    shutil.copytree(mirror, bad_mirror)
+    bad = bad_mirror / "t10k-labels-idx1-ubyte.gz"
+    data = bytearray(bad.read_bytes())
+    data[100] ^= 0x01
+    bad.write_bytes(bytes(data))
+    url = serve(bad_mirror)
+    root = tmp_path / "root"
+    with pytest.raises(DataFormatError) as info:
+        download_mnist_like(root, "MNIST", base_url=url)
+    msg = str(info.value)
+    assert f"{url}t10k-labels-idx1-ubyte.gz" in msg
+    assert f"expected MD5 {MD5S['MNIST']['t10k-labels-idx1-ubyte.gz']}" in msg
+    assert f"got {_md5(bad)}" in msg
+    raw = root / "MNIST" / "raw"
+    names = sorted(p.name for p in raw.iterdir())
+    assert "t10k-labels-idx1-ubyte.gz" not in names
+    assert all(not n.startswith(".") and not n.endswith(".part") for n in names), names
+    # the files verified before the bad one are complete and kept
+    for name in names:
+        assert _md5(raw / name) == MD5S["MNIST"][name]
+
+
+def test_unreachable_server_leaves_nothing_behind(tmp_path):
+    url = _closed_port_url()
+    with pytest.raises(DataNotFoundError) as info:
+        download_mnist_like(tmp_path, "MNIST", base_url=url, timeout=5)
+    msg = str(info.value)
+    assert url in msg and "download failed" in msg and "expected" in msg and "MD5" in msg
+    assert list((tmp_path / "MNIST" / "raw").iterdir()) == []
+
+
+def test_http_404_is_a_not_found_error(mirror, serve, tmp_path):
+    partial = tmp_path / "partial-mirror"
+    partial.mkdir()
+    url = serve(partial)  # serves an empty directory
+    with pytest.raises(DataNotFoundError, match="404") as info:
+        download_mnist_like(tmp_path / "root", "MNIST", base_url=url)
+    assert url in str(info.value)
+    assert list((tmp_path / "root" / "MNIST" / "raw").iterdir()) == []
+
+
+def test_connection_dropped_mid_file_leaves_nothing_behind(serve, tmp_path):
+    url = serve(tmp_path, _TruncatingHandler)
+    root = tmp_path / "root"
+    with pytest.raises(DataNotFoundError, match=r"download failed \(connection closed after 10 of 1048576 bytes\)") as info:
+        download_mnist_like(root, "MNIST", base_url=url, timeout=5)
+    assert url in str(info.value)
+    assert list((root / "MNIST" / "raw").iterdir()) == []
+
+
+def test_load_with_download_true_fetches_missing_files(mirror, serve, tmp_path, monkeypatch):
+    monkeypatch.setitem(download_module.MIRRORS, "MNIST", serve(mirror))
+    root = tmp_path / "new-root"  # does not exist yet
+    with pytest.raises(DataNotFoundError):
+        load_mnist_like(root, "MNIST", train=False)
+    images, labels = load_mnist_like(root, "MNIST", train=False, download=True)
+    assert images.shape == (10000, 28, 28) and labels.shape == (10000,)
+    # a benchmark builder with download=True accepts a data root that does not exist yet
+    bench = load_benchmark(
+        "split-mnist", data_root=tmp_path / "other-root", download=True, num_tasks=1,
+        max_train_per_task=20, max_test_per_task=10,
+    )
+    assert bench.num_tasks == 1 and len(bench.tasks[0].test_y) == 10
+
+
+def test_progress_goes_to_stderr(mirror, serve, tmp_path, capsys):
+    download_mnist_like(tmp_path, "MNIST", base_url=serve(mirror), progress=True)
+    err = capsys.readouterr().err
+    assert "t10k-labels-idx1-ubyte.gz" in err and "MiB" in err
