@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import click
+import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -90,6 +91,7 @@ def run(method, benchmark, num_tasks, epochs, data_root, download, seed, optimiz
             max_test_per_task=max_test_per_task).items() if v is not None}
         bench = load_benchmark(benchmark, seed=seed, **bench_options)
         widths = _widths(hidden)
+        torch.manual_seed(seed)  # the model's initial weights are part of the run's seed
         model = mlp(bench.input_shape, widths, bench.tasks[0].num_classes, dropout)
         result = Trainer(method_obj, config).fit(model, bench)
     except SparseCLError as exc:

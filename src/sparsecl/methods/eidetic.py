@@ -113,6 +113,7 @@ class EideticNets(NeuronIsolation):
                 break
             best = max(best, acc)
             entry["steps"] += 1
+        entry["threshold"] = best * (1 - cfg.tolerance)
         entry["final_train_accuracy"] = session.accuracy("train", self.config.accuracy_samples)
         entry["pruned"] = {n: int(m.sum()) for n, m in self.pruned.items()}
         entry["kept"] = {n: int(self.candidates(n).sum()) for n in self.pruned}

@@ -135,6 +135,8 @@ class NeuronIsolation(Method):
         """Give task t its surviving units, cut their reads of still-free units, record usage."""
         for name in net.graph.layers:
             self.ledger.assign(name, self.candidates(name), t)
+        # ``prune`` already holds the columns of pruned units at zero, so for a selection made by
+        # pruning this is a no-op; it keeps ``freeze`` correct for any other way of selecting.
         for name, layer in net.graph.layers.items():
             self._cut_reads_of_free(layer.module.weight, self.ledger.owned_by(name, t), layer.source)
         head = net.heads[t]

@@ -1,0 +1,26 @@
+"""Small learnable tasks made of Gaussian clusters, for fast engine tests (real data is tested in
+test_e2e.py and the data-layer tests)."""
+
+from __future__ import annotations
+
+import torch
+
+from sparsecl.data.types import Benchmark, TaskData
+
+
+def cluster_benchmark(num_tasks: int = 3, classes: int = 3, dim: int = 20, n_train: int = 240,
+                      n_test: int = 120, seed: int = 0, noise: float = 0.6) -> Benchmark:
+    """Each task: ``classes`` Gaussian clusters in ``dim`` dimensions with task-specific centres;
+    inputs are float32 ``(N, dim)``, labels int64 ``(N,)``."""
+    g = torch.Generator().manual_seed(seed)
+    tasks = []
+    for t in range(num_tasks):
+        centres = torch.randn(classes, dim, generator=g) * 1.5
+
+        def draw(n):
+            y = torch.randint(0, classes, (n,), generator=g)
+            return centres[y] + noise * torch.randn(n, dim, generator=g), y
+
+        (xtr, ytr), (xva, yva), (xte, yte) = draw(n_train), draw(n_test // 2), draw(n_test)
+        tasks.append(TaskData(t, f"clusters:{t}", tuple(range(classes)), xtr, ytr, xva, yva, xte, yte))
+    return Benchmark("clusters", tasks, (dim,), {"seed": seed})

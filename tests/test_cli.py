@@ -1,0 +1,53 @@
+"""``sparsecl run`` end to end through the command line."""
+
+import json
+
+from click.testing import CliRunner
+
+from sparsecl.cli import main
+
+FAST = ["--epochs", "3", "--hidden", "32,32", "--batch-size", "32", "--no-progress"]
+
+
+def test_run_default_benchmark_writes_metrics(tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["run", *FAST, "--patience", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["benchmark"] == "split-digits" and metrics["method"] == "eidetic"
+    R = metrics["accuracy_matrix"]
+    assert len(R) == 5 and R[0][1] is None and all(v is not None for v in R[4])
+    assert metrics["max_logit_change"] == 0.0 and metrics["bwt"] == 0.0
+    assert set(metrics["capacity"]) == {"1", "3"} and all(len(v) == 5 for v in metrics["capacity"].values())
+    assert metrics["config"]["method_options"]["patience"] == 2
+    assert {"torch", "sparsecl", "python"} <= set(metrics["versions"]) and metrics["seconds"] > 0
+    assert "ACC" in result.output and "max logit change 0" in result.output
+    assert [p.name for p in out.iterdir()] == ["metrics.json"]  # no temporary file left behind
+
+
+def test_same_seed_same_matrix_through_the_cli(tmp_path):
+    matrices = []
+    for name in ("a", "b"):
+        args = ["run", "--method", "finetune", "--tasks", "2", *FAST, "--seed", "3", "--out", str(tmp_path / name)]
+        assert CliRunner().invoke(main, args).exit_code == 0
+        matrices.append(json.loads((tmp_path / name / "metrics.json").read_text())["accuracy_matrix"])
+    assert matrices[0] == matrices[1]
+
+
+def test_method_option_of_another_method_is_refused():
+    result = CliRunner().invoke(main, ["run", "--method", "finetune", "--prune-step", "0.1", *FAST])
+    assert result.exit_code != 0
+    assert "--prune-step do(es) not apply to --method finetune" in result.output
+
+
+def test_bad_values_name_the_option():
+    result = CliRunner().invoke(main, ["run", *FAST, "--hidden", "10,x"])
+    assert result.exit_code != 0 and "--hidden must be comma-separated integers" in result.output
+    result = CliRunner().invoke(main, ["run", "--tolerance", "2", *FAST])
+    assert result.exit_code != 0 and "--tolerance must be in [0, 1)" in result.output
+
+
+def test_missing_data_names_the_files_and_where_it_looked(tmp_path):
+    result = CliRunner().invoke(main, ["run", "--benchmark", "split-mnist", "--data-root", str(tmp_path), *FAST])
+    assert result.exit_code != 0
+    assert str(tmp_path) in result.output and "train-images-idx3-ubyte" in result.output

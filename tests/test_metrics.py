@@ -1,0 +1,42 @@
+"""ACC, BWT, forgetting and FWT against hand-computed values (DESIGN §6)."""
+
+import pytest
+
+from sparsecl import metrics
+
+R = [[0.9, None, None],
+     [0.8, 0.95, None],
+     [0.7, 0.9, 0.85]]
+
+
+def test_average_accuracy():
+    assert metrics.average_accuracy(R) == pytest.approx((0.7 + 0.9 + 0.85) / 3)
+
+
+def test_backward_transfer():
+    assert metrics.backward_transfer(R) == pytest.approx(((0.7 - 0.9) + (0.9 - 0.95)) / 2)
+
+
+def test_forgetting_uses_the_best_earlier_accuracy():
+    R2 = [[0.6, None, None], [0.8, 0.9, None], [0.7, 0.9, 0.5]]
+    # task 0: best before the end is 0.8 (after task 1), final 0.7; task 1: 0.9 → 0.9
+    assert metrics.forgetting(R2) == pytest.approx((0.1 + 0.0) / 2)
+    assert metrics.backward_transfer(R2) == pytest.approx(((0.7 - 0.6) + 0.0) / 2)
+
+
+def test_forward_transfer():
+    full = [[0.9, 0.6, 0.5], [0.8, 0.95, 0.55], [0.7, 0.9, 0.85]]
+    assert metrics.forward_transfer(full, [0.5, 0.5, 0.5]) == pytest.approx(((0.6 - 0.5) + (0.55 - 0.5)) / 2)
+    with pytest.raises(ValueError, match="R\\[i-1\\]\\[i\\]"):
+        metrics.forward_transfer(R, [0.5, 0.5, 0.5])
+
+
+def test_single_task_has_no_bwt_or_forgetting():
+    assert metrics.average_accuracy([[0.5]]) == 0.5
+    assert metrics.backward_transfer([[0.5]]) is None and metrics.forgetting([[0.5]]) is None
+
+
+@pytest.mark.parametrize("bad", [[], [[0.5, None]], [[None]], [[0.5, None], [None, 0.4]]])
+def test_malformed_matrices_are_refused(bad):
+    with pytest.raises(ValueError):
+        metrics.average_accuracy(bad)
