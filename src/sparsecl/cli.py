@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import click
 import torch
 from rich.console import Console
+from rich.logging import RichHandler
 from rich.table import Table
 
 from .data import load_benchmark
@@ -80,6 +82,9 @@ def run(method, benchmark, num_tasks, epochs, data_root, download, seed, optimiz
         max_test_per_task, device, out, progress, **method_options) -> None:
     """Train METHOD on the tasks of BENCHMARK, one after another, and report the accuracy matrix,
     ACC, BWT, forgetting, the largest change of an earlier task's logits and the capacity used."""
+    if progress:
+        logging.basicConfig(level=logging.INFO, format="%(message)s",
+                            handlers=[RichHandler(show_path=False)])
     try:
         method_obj = _build_method(method, method_options)
         config = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,

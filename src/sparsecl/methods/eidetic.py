@@ -5,6 +5,7 @@ iteratively while training accuracy holds, freeze the survivors and recycle the 
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -13,6 +14,9 @@ import torch
 from ..errors import ConfigError
 from ..scoring import SCORES, taylor_scores, weight_norm_scores
 from .neuron import NeuronIsolation
+
+
+log = logging.getLogger(__name__)
 
 
 def _opt(help: str, **kw):
@@ -110,9 +114,13 @@ class EideticNets(NeuronIsolation):
                 session.rollback(state)
                 self.set_pruned(net, t, pruned)
                 entry["rolled_back"] = True
+                log.info("task %d: step %d rolled back (training accuracy %.4f < %.4f)", t,
+                         entry["steps"] + 1, acc, best * (1 - cfg.tolerance))
                 break
             best = max(best, acc)
             entry["steps"] += 1
+            log.info("task %d pruning step %d: kept %s, training accuracy %.4f", t, entry["steps"],
+                     {n: int(self.candidates(n).sum()) for n in self.pruned}, acc)
         entry["threshold"] = best * (1 - cfg.tolerance)
         entry["final_train_accuracy"] = session.accuracy("train", self.config.accuracy_samples)
         entry["pruned"] = {n: int(m.sum()) for n, m in self.pruned.items()}
