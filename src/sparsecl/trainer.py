@@ -117,16 +117,13 @@ class TaskSession:
         self.generator = torch.Generator().manual_seed(config.seed * 1_000_003 + t)
         self.epochs_trained = 0
         self._progress = progress
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def batches(self, tasks: Sequence[TaskData] | None = None, split: str = "train",
                 shuffle: bool = True, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Mini-batches ``(x, y, task_ids)`` on the device over ``split`` of ``tasks`` (default:
         the current task), shuffled with the session's seeded generator."""
-        tasks = [self.task] if tasks is None else list(tasks)
-        xs = [getattr(task, f"{split}_x") for task in tasks]
-        ys = [getattr(task, f"{split}_y") for task in tasks]
-        ids = [torch.full((len(y),), task.task_id, dtype=torch.long) for task, y in zip(tasks, ys)]
-        x, y, ids = (xs[0], ys[0], ids[0]) if len(tasks) == 1 else (torch.cat(xs), torch.cat(ys), torch.cat(ids))
+        x, y, ids = self._data(tuple(tasks or [self.task]), split)
         if len(x) == 0:
             raise ConfigError(f"task {self.t} ('{self.task.name}') has no {split} samples")
         n, bs = len(x), batch_size or self.config.batch_size
@@ -135,6 +132,19 @@ class TaskSession:
         for i in range(0, n, bs):
             idx = order[i:i + bs]
             yield as_float(x[idx].to(dev)), y[idx].to(dev), ids[idx].to(dev)
+
+    def _data(self, tasks: tuple[TaskData, ...], split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x, y, task_ids)`` of ``split`` over ``tasks``, concatenated once per session."""
+        key = (tuple(t.task_id for t in tasks), split)
+        if key not in self._cache:
+            ys = [getattr(task, f"{split}_y") for task in tasks]
+            ids = [torch.full((len(y),), task.task_id, dtype=torch.long) for task, y in zip(tasks, ys)]
+            if len(tasks) == 1:
+                self._cache[key] = (getattr(tasks[0], f"{split}_x"), ys[0], ids[0])
+            else:
+                self._cache[key] = (torch.cat([getattr(task, f"{split}_x") for task in tasks]),
+                                    torch.cat(ys), torch.cat(ids))
+        return self._cache[key]
 
     def train_epoch(self, tasks: Sequence[TaskData] | None = None) -> EpochStats:
         """One pass over the training data of ``tasks`` (default: the current task)."""

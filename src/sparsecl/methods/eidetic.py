@@ -97,7 +97,8 @@ class EideticNets(NeuronIsolation):
         best = session.accuracy("train", self.config.accuracy_samples)
         entry = {"task": t, "epochs": session.epochs_trained, "best_train_accuracy": best, "steps": 0,
                  "rolled_back": False}
-        limit = {n: math.floor(cfg.max_pruned_ratio * int(a.sum())) for n, a in self.available.items()}
+        limit = {n: math.floor(cfg.max_pruned_ratio * int(self.ledger.free(n).sum())) for n in self.pruned}
+        threshold = lambda: best * (1 - cfg.tolerance)  # noqa: E731  (best rises during recovery)
         while True:
             chosen = self._choose(session, limit)
             if not any(m.any() for m in chosen.values()):
@@ -106,22 +107,22 @@ class EideticNets(NeuronIsolation):
             self.prune(net, t, chosen)
             acc = session.accuracy("train", self.config.accuracy_samples)
             for _ in range(cfg.recovery_epochs):
-                if acc >= best * (1 - cfg.tolerance):
+                if acc >= threshold():
                     break
                 session.train_epoch()
                 acc = session.accuracy("train", self.config.accuracy_samples)
-            if acc < best * (1 - cfg.tolerance):
+            if acc < threshold():
                 session.rollback(state)
                 self.set_pruned(net, t, pruned)
                 entry["rolled_back"] = True
                 log.info("task %d: step %d rolled back (training accuracy %.4f < %.4f)", t,
-                         entry["steps"] + 1, acc, best * (1 - cfg.tolerance))
+                         entry["steps"] + 1, acc, threshold())
                 break
             best = max(best, acc)
             entry["steps"] += 1
             log.info("task %d pruning step %d: kept %s, training accuracy %.4f", t, entry["steps"],
                      {n: int(self.candidates(n).sum()) for n in self.pruned}, acc)
-        entry["threshold"] = best * (1 - cfg.tolerance)
+        entry["threshold"] = threshold()
         entry["final_train_accuracy"] = session.accuracy("train", self.config.accuracy_samples)
         entry["pruned"] = {n: int(m.sum()) for n, m in self.pruned.items()}
         entry["kept"] = {n: int(self.candidates(n).sum()) for n in self.pruned}
@@ -130,7 +131,7 @@ class EideticNets(NeuronIsolation):
     def _choose(self, session, limit: dict[str, int]) -> dict[str, torch.Tensor]:
         """Lowest-scoring ``prune_step`` of each layer's remaining candidates, within the cap."""
         counts = {}
-        for name in self.available:
+        for name in self.pruned:
             remaining = int(self.candidates(name).sum())
             room = limit[name] - int(self.pruned[name].sum())
             counts[name] = min(max(1, math.floor(self.config.prune_step * remaining)) if remaining else 0, room)

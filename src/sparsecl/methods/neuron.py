@@ -41,7 +41,6 @@ class NeuronIsolation(Method):
         self.ledger: CapacityLedger | None = None
         self.freezer = Freezer()
         self.pruned: dict[str, torch.Tensor] = {}
-        self.available: dict[str, torch.Tensor] = {}
 
     # ---- hooks -------------------------------------------------------------------------------
     def setup(self, net) -> None:
@@ -52,8 +51,7 @@ class NeuronIsolation(Method):
             self.ledger.require_free(name, t)
         if t > 0:
             self._reinitialize_free_units(net)
-        self.available = {name: self.ledger.free(name).clone() for name in net.graph.layers}
-        self.pruned = {name: torch.zeros_like(free) for name, free in self.available.items()}
+        self.pruned = {name: torch.zeros_like(self.ledger.free(name)) for name in net.graph.layers}
         self._apply(net, t)
 
     def after_step(self, net) -> None:
@@ -72,8 +70,9 @@ class NeuronIsolation(Method):
 
     def candidates(self, layer: str) -> torch.Tensor:
         """Bool mask of the units task t may still prune in ``layer``: free at the start of the
-        task and not pruned yet. Frozen units are never candidates."""
-        return self.available[layer] & ~self.pruned[layer]
+        task (nothing is assigned before ``freeze``) and not pruned yet. Frozen units are never
+        candidates."""
+        return self.ledger.free(layer) & ~self.pruned[layer]
 
     def prune(self, net, t: int, units: dict[str, torch.Tensor]) -> None:
         """Remove the units selected by bool masks ``units`` (layer → ``(num_units,)``) from task
