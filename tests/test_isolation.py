@@ -170,3 +170,12 @@ def test_eidetic_stops_within_tolerance_and_respects_the_pruning_cap():
                                        max_pruned_ratio=0.25))
     Trainer(capped, TrainConfig(epochs=3, batch_size=32)).fit(mlp((20,), (24, 24), 3), bench)
     assert capped.log[0]["pruned"] == {"1": 6, "3": 6}  # floor(0.25 * 24), never more
+
+
+def test_constant_pruning_steps_take_a_fixed_share_of_the_available_units():
+    bench = cluster_benchmark(num_tasks=1)
+    method = EideticNets(EideticConfig(score="l2", patience=2, prune_step=0.25, prune_step_of="available",
+                                       tolerance=0.99, max_pruned_ratio=0.9))
+    Trainer(method, TrainConfig(epochs=2, batch_size=32)).fit(mlp((20,), (40,), 3), bench)
+    # 10 units a step while room lasts: 10, 20, 30, then the cap floor(0.9*40)=36
+    assert method.log[0]["pruned"] == {"1": 36} and method.log[0]["steps"] == 4

@@ -30,7 +30,10 @@ class EideticConfig:
     early-stopping patience 10, at most 5 recovery epochs)."""
 
     score: str = _opt("unit score for pruning: l1, l2 (incoming weight norm) or taylor", default="taylor")
-    prune_step: float = _opt("fraction of the task's remaining units pruned per layer and step", default=0.05)
+    prune_step: float = _opt("fraction of units pruned per layer and step (see --prune-step-of)", default=0.05)
+    prune_step_of: str = _opt("what --prune-step is a fraction of: 'remaining' (the task's units not "
+                              "pruned yet) or 'available' (the units free when the task began: "
+                              "constant steps, fewer of them)", default="remaining")
     tolerance: float = _opt("stop pruning when training accuracy < best*(1-tolerance)", default=0.001)
     patience: int = _opt("epochs without a better training accuracy before pruning starts", default=10)
     recovery_epochs: int = _opt("maximum training epochs to recover after a pruning step", default=5)
@@ -45,6 +48,8 @@ class EideticConfig:
     def __post_init__(self) -> None:
         if self.score not in SCORES:
             raise ConfigError(f"--score must be one of {', '.join(SCORES)}, got '{self.score}'")
+        if self.prune_step_of not in ("remaining", "available"):
+            raise ConfigError(f"--prune-step-of must be 'remaining' or 'available', got '{self.prune_step_of}'")
         if not 0 < self.prune_step <= 1:
             raise ConfigError(f"--prune-step must be in (0, 1], got {self.prune_step}")
         if not 0 <= self.tolerance < 1:
@@ -64,8 +69,9 @@ class EideticNets(NeuronIsolation):
 
     Training runs until the running training accuracy has not improved for ``patience`` epochs
     (or reaches 100%, or the epoch budget ends). Then, with the learning rate scaled by
-    ``pruning_lr_factor``, each step removes ``prune_step`` of the task's remaining units in
-    every hidden layer (lowest score first; frozen units are never scored), recovers for up to
+    ``pruning_lr_factor``, each step removes ``prune_step`` of the task's remaining units (with
+    ``prune_step_of='available'``: of the units free when the task began, as the reference
+    implementation's constant step size) in every hidden layer (lowest score first; frozen units are never scored), recovers for up to
     ``recovery_epochs`` epochs until training accuracy is back within ``best*(1-tolerance)``,
     and otherwise rolls the step back — weights, optimizer state and pruning masks — and stops.
     Training accuracy for the stop rule is measured in eval mode over the task's training set, so
@@ -133,8 +139,9 @@ class EideticNets(NeuronIsolation):
         counts = {}
         for name in self.pruned:
             remaining = int(self.candidates(name).sum())
+            base = remaining if self.config.prune_step_of == "remaining" else int(self.ledger.free(name).sum())
             room = limit[name] - int(self.pruned[name].sum())
-            counts[name] = min(max(1, math.floor(self.config.prune_step * remaining)) if remaining else 0, room)
+            counts[name] = min(max(1, math.floor(self.config.prune_step * base)), remaining, room)
         if not any(counts.values()):
             return {}
         scores = self._scores(session)
