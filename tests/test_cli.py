@@ -51,3 +51,16 @@ def test_missing_data_names_the_files_and_where_it_looked(tmp_path):
     result = CliRunner().invoke(main, ["run", "--benchmark", "split-mnist", "--data-root", str(tmp_path), *FAST])
     assert result.exit_code != 0
     assert str(tmp_path) in result.output and "train-images-idx3-ubyte" in result.output
+
+
+def test_unusable_out_is_refused_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = CliRunner().invoke(main, ["run", *FAST, "--out", str(blocker / "run")])
+    assert result.exit_code != 0 and f"--out {blocker / 'run'}: cannot create the folder" in result.output
+    assert "accuracy matrix" not in result.output  # refused before any training happened
+
+
+def test_bad_dropout_is_a_clear_error():
+    result = CliRunner().invoke(main, ["run", *FAST, "--dropout", "1.5"])
+    assert result.exit_code != 0 and "--dropout must be in [0, 1), got 1.5" in result.output

@@ -86,6 +86,8 @@ def run(method, benchmark, num_tasks, epochs, data_root, download, seed, optimiz
         logging.basicConfig(level=logging.INFO, format="%(message)s",
                             handlers=[RichHandler(show_path=False)])
     try:
+        if out is not None:  # fail before training, not after it, if the results cannot be written
+            _prepare_out(Path(out))
         method_obj = _build_method(method, method_options)
         config = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
                              weight_decay=weight_decay, momentum=momentum, seed=seed, device=device,
@@ -111,6 +113,15 @@ def run(method, benchmark, num_tasks, epochs, data_root, download, seed, optimiz
     if out is not None:
         path = _write_json_atomic(Path(out) / "metrics.json", result_dict)
         click.echo(f"wrote {path}")
+
+
+def _prepare_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot create the folder ({exc.strerror})") from None
+    if not os.access(out, os.W_OK):
+        raise ConfigError(f"--out {out}: the folder is not writable")
 
 
 def _widths(hidden: str) -> tuple[int, ...]:

@@ -8,6 +8,8 @@ from typing import Sequence
 
 from torch import nn
 
+from .errors import ConfigError
+
 
 def mlp(input_shape: Sequence[int], hidden: Sequence[int] = (2000, 2000), num_classes: int = 10,
         dropout: float = 0.0) -> nn.Sequential:
@@ -17,6 +19,8 @@ def mlp(input_shape: Sequence[int], hidden: Sequence[int] = (2000, 2000), num_cl
     (EideticNets uses dropout 0.1). The final Linear is the head prototype that
     ``ContinualNetwork`` replaces by one head per task.
     """
+    if not 0 <= dropout < 1:
+        raise ConfigError(f"--dropout must be in [0, 1), got {dropout}")
     layers: list[nn.Module] = [nn.Flatten()]
     width = math.prod(input_shape)
     for h in hidden:
