@@ -160,8 +160,10 @@ def _write_json_atomic(path: Path, data: dict) -> Path:
 
 
 def _print_summary(result: RunResult) -> None:
-    console = Console()
     R = result.accuracy_matrix
+    console = Console()
+    if not console.is_terminal:  # rich would squeeze the tables into 80 columns in a log file
+        console = Console(width=max(120, 10 * (len(R) + 2)))
     table = Table(title=f"{result.method} on {result.benchmark}: accuracy matrix R[t][i] (%)")
     table.add_column("after task")
     for i in range(len(R)):
