@@ -1,6 +1,7 @@
 """``sparsecl run`` end to end through the command line."""
 
 import json
+import os
 
 from click.testing import CliRunner
 
@@ -23,6 +24,9 @@ def test_run_default_benchmark_writes_metrics(tmp_path):
     assert {"torch", "sparsecl", "python"} <= set(metrics["versions"]) and metrics["seconds"] > 0
     assert "ACC" in result.output and "max logit change 0" in result.output
     assert [p.name for p in out.iterdir()] == ["metrics.json"]  # no temporary file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "metrics.json").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_same_seed_same_matrix_through_the_cli(tmp_path):

@@ -27,7 +27,7 @@ class CustomMLP(nn.Module):
 
 
 def test_sequential_mlp_chain():
-    _, g = trace(mlp((1, 4, 4), (8, 6), 3, dropout=0.1))
+    _, g, _ = trace(mlp((1, 4, 4), (8, 6), 3, dropout=0.1))
     assert list(g.layers) == ["1", "4"]
     assert g.layers["1"].source is None and g.layers["4"].source == "1"
     assert [g.layers[n].num_units for n in g.layers] == [8, 6]
@@ -36,7 +36,7 @@ def test_sequential_mlp_chain():
 
 
 def test_custom_forward_is_traced_like_sequential():
-    _, g = trace(CustomMLP())
+    _, g, _ = trace(CustomMLP())
     assert {n: l.source for n, l in g.layers.items()} == {"fc1": None, "fc2": "fc1"}
     assert g.head_source == "fc2"
 
@@ -53,7 +53,7 @@ def test_head_is_cut_and_body_matches_the_model():
 
 
 def test_linear_model_has_no_unit_layers():
-    _, g = trace(nn.Sequential(nn.Flatten(), nn.Linear(10, 2)))
+    _, g, _ = trace(nn.Sequential(nn.Flatten(), nn.Linear(10, 2)))
     assert g.layers == {} and g.head_source is None
 
 
@@ -122,3 +122,45 @@ def test_untraceable_model_names_the_model():
 
     with pytest.raises(UnsupportedModelError, match="DataDependent"):
         trace(DataDependent())
+
+
+class FunctionalDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.out = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(F.dropout(F.relu(self.a(x)), 0.5, self.training))
+
+
+class ViewIdiomWithDeadBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.aux, self.out = nn.Linear(12, 5), nn.Linear(12, 3), nn.Linear(5, 2, bias=False)
+
+    def forward(self, x):
+        x = x.view(x.size(0), -1)
+        self.aux(x)  # computed, never used: holds no capacity
+        return self.out(F.relu(self.a(x)))
+
+
+def test_functional_dropout_is_refused_with_the_fix_named():
+    with pytest.raises(UnsupportedModelError, match="node 'dropout'.*use nn.Dropout instead"):
+        trace(FunctionalDropout())
+
+
+def test_view_idiom_dead_layers_and_head_settings():
+    _, g, head = trace(ViewIdiomWithDeadBranch())
+    assert list(g.layers) == ["a"] and g.layers["a"].source is None
+    assert g.head_bias is False and head.out_features == 2
+    net = ContinualNetwork(ViewIdiomWithDeadBranch())
+    assert net.add_head(4).bias is None
+    assert net(torch.randn(3, 3, 4), 0).shape == (3, 4)
+
+
+def test_heads_follow_the_model_dtype_even_without_hidden_layers():
+    net = ContinualNetwork(nn.Sequential(nn.Linear(6, 2)).double())
+    net.add_head(3)
+    assert net(torch.randn(2, 6, dtype=torch.float64), 0).dtype == torch.float64
+    net.float()
+    assert net.add_head(2).weight.dtype == torch.float32

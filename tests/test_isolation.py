@@ -179,3 +179,17 @@ def test_constant_pruning_steps_take_a_fixed_share_of_the_available_units():
     Trainer(method, TrainConfig(epochs=2, batch_size=32)).fit(mlp((20,), (40,), 3), bench)
     # 10 units a step while room lasts: 10, 20, 30, then the cap floor(0.9*40)=36
     assert method.log[0]["pruned"] == {"1": 36} and method.log[0]["steps"] == 4
+
+
+def test_nan_scores_never_select_frozen_units():
+    torch.manual_seed(0)
+    net = ContinualNetwork(mlp((6,), (10,), 3))
+    method = EideticNets(EideticConfig(score="l1"))
+    method.setup(net)
+    _begin(net, method, 0)
+    method.prune(net, 0, {"1": torch.arange(10) >= 6})
+    method.freeze(net, 0)  # units 0..5 frozen
+    _begin(net, method, 1)
+    method._scores = lambda session: {"1": torch.full((10,), float("nan"))}
+    chosen = method._choose(SimpleNamespace(net=net), {"1": 10})
+    assert chosen["1"].sum() == 1 and not chosen["1"][:6].any()

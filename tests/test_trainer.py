@@ -89,3 +89,23 @@ def test_bad_options_are_refused_with_the_option_named():
     net.add_head(2)
     with pytest.raises(ConfigError, match="task id 3 is out of range"):
         net(torch.randn(1, 5), 3)
+
+
+def test_divergence_is_reported_as_such_not_as_forgetting():
+    from sparsecl.errors import DivergenceError
+
+    with pytest.raises(DivergenceError, match="task 0: the training loss became"):
+        Trainer(_eidetic(), TrainConfig(epochs=3, batch_size=32, optimizer="sgd", lr=1e30)).fit(
+            mlp((20,), (16,), 3), cluster_benchmark(2))
+
+
+def test_a_network_that_already_learned_tasks_is_refused():
+    net = ContinualNetwork(mlp((20,), (16,), 3))
+    Trainer(Finetune(), TrainConfig(**FAST)).fit(net, cluster_benchmark(1))
+    with pytest.raises(ConfigError, match="already has heads for 1 tasks"):
+        Trainer(Finetune(), TrainConfig(**FAST)).fit(net, cluster_benchmark(1))
+
+
+def test_unknown_device_is_a_config_error():
+    with pytest.raises(ConfigError, match="--device must be a torch device"):
+        TrainConfig(device="foo")

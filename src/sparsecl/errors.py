@@ -29,3 +29,7 @@ class ForgettingError(SparseCLError, AssertionError):
 
 class ConfigError(SparseCLError, ValueError):
     """An option has a value outside what it accepts."""
+
+
+class DivergenceError(SparseCLError, FloatingPointError):
+    """Training produced a non-finite loss; the message names the task and the epoch."""

@@ -30,8 +30,10 @@ _ELEMENTWISE_MODULES = (
 _ELEMENTWISE_FUNCTIONS = {
     torch.relu, F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish,
     torch.tanh, F.tanh, torch.sigmoid, F.sigmoid, F.hardtanh, F.hardswish, F.softplus,
-    F.dropout, F.alpha_dropout,
 }
+# torch.fx records F.dropout's ``training`` argument as the constant it had while tracing, so the
+# traced model would drop out in eval mode (or never while training): nn.Dropout is required.
+_FUNCTIONAL_DROPOUT = {F.dropout, F.alpha_dropout, F.dropout1d, F.feature_alpha_dropout}
 _ELEMENTWISE_METHODS = {"relu", "tanh", "sigmoid", "contiguous"}
 # Reshapes are only followed between the model input and the first Linear (flattening images).
 _RESHAPE_MODULES = (nn.Flatten, nn.Unflatten)
@@ -61,12 +63,14 @@ class UnitLayer:
 @dataclass(frozen=True)
 class UnitGraph:
     """Unit layers in topological order and the layer the task heads read (``head_source``,
-    ``None`` for a model without hidden layers)."""
+    ``None`` for a model without hidden layers); task heads copy the shape and bias setting of
+    the model's final Linear."""
 
     layers: dict[str, UnitLayer]
     head_source: str | None
     head_in_features: int
     head_out_features: int
+    head_bias: bool = True
 
     def readers(self, name: str) -> list[str]:
         """Names of the unit layers that read layer ``name``'s units (heads not included)."""
@@ -87,10 +91,22 @@ def _unsupported(node: fx.Node, gm: fx.GraphModule, why: str) -> UnsupportedMode
     )
 
 
+def _is_shape(node: fx.Node) -> bool:
+    """``x.size(...)``, ``x.shape`` or an item of either: an integer, not a tensor of units."""
+    if node.op == "call_method" and node.target == "size":
+        return True
+    if node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",):
+        return True
+    return (node.op == "call_function" and node.target is operator.getitem
+            and isinstance(node.args[0], fx.Node) and _is_shape(node.args[0]))
+
+
 def _kind(node: fx.Node, gm: fx.GraphModule) -> str:
-    """Classify a node: 'input', 'linear', 'elementwise', 'reshape' or 'other'."""
+    """Classify a node: 'input', 'linear', 'elementwise', 'reshape', 'shape' or 'other'."""
     if node.op == "placeholder":
         return "input"
+    if _is_shape(node):
+        return "shape"
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         if type(module) is nn.Linear:
@@ -113,7 +129,8 @@ def _kind(node: fx.Node, gm: fx.GraphModule) -> str:
 
 
 def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
-    return [a for a in node.all_input_nodes]
+    """Inputs of ``node`` that carry units (sizes read off a tensor do not)."""
+    return [a for a in node.all_input_nodes if not _is_shape(a)]
 
 
 def _source_of(node: fx.Node, gm: fx.GraphModule, passed_reshape: bool = False) -> str | None:
@@ -136,12 +153,13 @@ def _source_of(node: fx.Node, gm: fx.GraphModule, passed_reshape: bool = False) 
     raise _unsupported(node, gm, "this operation is not supported between layers")
 
 
-def trace(model: nn.Module) -> tuple[fx.GraphModule, UnitGraph]:
-    """Trace ``model`` and return ``(body, graph)``.
+def trace(model: nn.Module) -> tuple[fx.GraphModule, UnitGraph, nn.Linear]:
+    """Trace ``model`` and return ``(body, graph, head)``.
 
     ``body`` is a ``torch.fx.GraphModule`` equal to ``model`` without its final ``nn.Linear``
     (the head prototype): it maps an input batch to the features the task heads read, shape
-    ``(N, head_in_features)``. ``graph`` lists the unit layers of ``body``.
+    ``(N, head_in_features)``. ``graph`` lists the unit layers of ``body``; ``head`` is the
+    final Linear that was cut off (the prototype of every task head).
 
     Raises:
         UnsupportedModelError: tracing fails, the model does not end with an ``nn.Linear``, a
@@ -170,6 +188,9 @@ def trace(model: nn.Module) -> tuple[fx.GraphModule, UnitGraph]:
         kind = _kind(node, gm)
         if node.op == "output":
             continue
+        if kind == "other" and node.op == "call_function" and node.target in _FUNCTIONAL_DROPOUT:
+            raise _unsupported(node, gm, "use nn.Dropout instead: torch.fx freezes the functional "
+                               "form's training flag, so it would drop out in eval mode too")
         if kind == "other":
             raise _unsupported(node, gm, "this operation is not supported")
         if kind != "linear":
@@ -200,5 +221,9 @@ def trace(model: nn.Module) -> tuple[fx.GraphModule, UnitGraph]:
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.recompile()
-    graph = UnitGraph(layers, head_source, head_module.in_features, head_module.out_features)
-    return gm, graph
+    # A Linear whose output never reaches the head was just removed: it holds no capacity.
+    live = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    layers = {name: layer for name, layer in layers.items() if name in live}
+    graph = UnitGraph(layers, head_source, head_module.in_features, head_module.out_features,
+                      head_module.bias is not None)
+    return gm, graph, head_module

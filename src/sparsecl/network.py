@@ -22,8 +22,10 @@ class ContinualNetwork(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.body, self.graph = trace(copy.deepcopy(model))
+        self.body, self.graph, prototype = trace(copy.deepcopy(model))
         self.heads = nn.ModuleList()
+        # Follows .to(): new heads take the device and dtype of the model's final Linear.
+        self.register_buffer("_head_like", prototype.weight.new_empty(0), persistent=False)
 
     @property
     def num_tasks(self) -> int:
@@ -33,10 +35,9 @@ class ContinualNetwork(nn.Module):
         """Append a freshly initialized head with ``num_classes`` outputs; returns it."""
         if num_classes < 1:
             raise ConfigError(f"a task head needs at least one class, got num_classes={num_classes}")
-        ref = next(self.body.parameters(), None)
-        head = nn.Linear(self.graph.head_in_features, num_classes)
-        if ref is not None:
-            head = head.to(device=ref.device, dtype=ref.dtype)
+        like = self._head_like
+        head = nn.Linear(self.graph.head_in_features, num_classes, bias=self.graph.head_bias,
+                         device=like.device, dtype=like.dtype)
         self.heads.append(head)
         return head
 

@@ -4,6 +4,7 @@ far, and verify that earlier tasks' logits did not move (DESIGN §2.1)."""
 from __future__ import annotations
 
 import copy
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -15,7 +16,7 @@ from torch import nn
 
 from . import metrics
 from .data.types import Benchmark, TaskData
-from .errors import ConfigError, ForgettingError
+from .errors import ConfigError, DivergenceError, ForgettingError
 from .methods.base import Method
 from .network import ContinualNetwork
 
@@ -50,6 +51,10 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size", "probe_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ConfigError(f"--device must be a torch device such as cpu or cuda, got '{self.device}'") from None
         for name in ("lr", "weight_decay", "momentum"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be non-negative, got {getattr(self, name)}")
@@ -167,6 +172,11 @@ class TaskSession:
         if bar is not None:
             self._progress.remove_task(bar)
         self.epochs_trained += 1
+        if not torch.isfinite(total_loss):
+            # Caught here, before a non-finite unit could reach an earlier task through an exact
+            # zero weight (0 * nan = nan) and be mistaken for forgetting.
+            raise DivergenceError(f"task {self.t}: the training loss became {float(total_loss)} in epoch "
+                                  f"{self.epochs_trained}; lower --lr or check the data")
         return EpochStats(float(total_loss) / seen, correct / seen)
 
     def fit(self, epochs: int, tasks: Sequence[TaskData] | None = None) -> list[EpochStats]:
@@ -225,7 +235,7 @@ class RunResult:
             "acc": self.acc,
             "bwt": self.bwt,
             "forgetting": self.forgetting,
-            "max_logit_change": self.max_logit_change,
+            "max_logit_change": self.max_logit_change if math.isfinite(self.max_logit_change) else "inf",
             "capacity": self.capacity,
             "config": self.config,
             "benchmark_info": self.benchmark_info,
@@ -252,6 +262,9 @@ class Trainer:
         cfg, method = self.config, self.method
         if benchmark.num_tasks == 0:
             raise ConfigError(f"benchmark '{benchmark.name}' has no tasks")
+        if isinstance(model, ContinualNetwork) and model.num_tasks:
+            raise ConfigError(f"the network already has heads for {model.num_tasks} tasks; Trainer.fit "
+                              "starts from an untrained network (pass the nn.Module itself)")
         torch.manual_seed(cfg.seed)
         net = model if isinstance(model, ContinualNetwork) else ContinualNetwork(model)
         net.to(cfg.device)
@@ -282,7 +295,7 @@ class Trainer:
                 for i, (px, logits) in enumerate(probes[:-1]):
                     now = predict(net, px, i, cfg.eval_batch_size, cfg.device)
                     change = float((now - logits).abs().max())
-                    max_change = max(max_change, change)
+                    max_change = max(max_change, change if math.isfinite(change) else math.inf)
                     if method.isolates and not torch.equal(now, logits):
                         raise ForgettingError(
                             f"method '{method.name}' changed the logits of task {i} while learning "

@@ -149,9 +149,9 @@ class EideticNets(NeuronIsolation):
         for name, k in counts.items():
             cand = self.candidates(name)
             mask = torch.zeros_like(cand)
-            if k > 0:
-                s = scores[name].masked_fill(~cand, float("inf"))
-                mask[torch.topk(s, k, largest=False).indices] = True
+            if k > 0:  # rank the candidates only: a NaN score can never reach a frozen unit
+                idx = cand.nonzero().flatten()
+                mask[idx[torch.topk(scores[name][idx], k, largest=False).indices]] = True
             chosen[name] = mask
         return chosen
 
