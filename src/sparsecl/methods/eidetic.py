@@ -71,7 +71,8 @@ class EideticNets(NeuronIsolation):
     (or reaches 100%, or the epoch budget ends). Then, with the learning rate scaled by
     ``pruning_lr_factor``, each step removes ``prune_step`` of the task's remaining units (with
     ``prune_step_of='available'``: of the units free when the task began, as the reference
-    implementation's constant step size) in every hidden layer (lowest score first; frozen units are never scored), recovers for up to
+    implementation's constant step size) in every hidden layer (lowest score first; frozen units
+    are never scored), recovers for up to
     ``recovery_epochs`` epochs until training accuracy is back within ``best*(1-tolerance)``,
     and otherwise rolls the step back — weights, optimizer state and pruning masks — and stops.
     Training accuracy for the stop rule is measured in eval mode over the task's training set, so
@@ -100,7 +101,7 @@ class EideticNets(NeuronIsolation):
     def select(self, session) -> None:
         cfg, net, t = self.config, session.net, session.t
         session.scale_lr(cfg.pruning_lr_factor)
-        best = session.accuracy("train", self.config.accuracy_samples)
+        best = self._train_accuracy(session)
         entry = {"task": t, "epochs": session.epochs_trained, "best_train_accuracy": best, "steps": 0,
                  "rolled_back": False}
         limit = {n: math.floor(cfg.max_pruned_ratio * int(self.ledger.free(n).sum())) for n in self.pruned}
@@ -111,12 +112,12 @@ class EideticNets(NeuronIsolation):
                 break
             state, pruned = session.snapshot(), self.pruned_state()
             self.prune(net, t, chosen)
-            acc = session.accuracy("train", self.config.accuracy_samples)
+            acc = self._train_accuracy(session)
             for _ in range(cfg.recovery_epochs):
                 if acc >= threshold():
                     break
                 session.train_epoch()
-                acc = session.accuracy("train", self.config.accuracy_samples)
+                acc = self._train_accuracy(session)
             if acc < threshold():
                 session.rollback(state)
                 self.set_pruned(net, t, pruned)
@@ -129,10 +130,14 @@ class EideticNets(NeuronIsolation):
             log.info("task %d pruning step %d: kept %s, training accuracy %.4f", t, entry["steps"],
                      {n: int(self.candidates(n).sum()) for n in self.pruned}, acc)
         entry["threshold"] = threshold()
-        entry["final_train_accuracy"] = session.accuracy("train", self.config.accuracy_samples)
+        entry["final_train_accuracy"] = self._train_accuracy(session)
         entry["pruned"] = {n: int(m.sum()) for n, m in self.pruned.items()}
         entry["kept"] = {n: int(self.candidates(n).sum()) for n in self.pruned}
         self.log.append(entry)
+
+    def _train_accuracy(self, session) -> float:
+        """Eval-mode accuracy on the task's training set (its first ``accuracy_samples``)."""
+        return session.accuracy("train", self.config.accuracy_samples)
 
     def _choose(self, session, limit: dict[str, int]) -> dict[str, torch.Tensor]:
         """Lowest-scoring ``prune_step`` of each layer's remaining candidates, within the cap."""
