@@ -255,7 +255,8 @@ def test_subset_and_val_split_helpers():
 
 
 def test_registry_keys():
-    assert set(BENCHMARKS) == {"permuted-mnist", "split-mnist", "split-fashion-mnist", "split-digits"}
+    assert set(BENCHMARKS) == {"permuted-mnist", "split-mnist", "split-fashion-mnist", "split-digits",
+                               "split-cifar10", "split-cifar100", "cifar10-100"}
     assert load_benchmark("split_digits", num_tasks=2).num_tasks == 2  # "_" read as "-"
 
 

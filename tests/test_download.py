@@ -183,3 +183,159 @@ def test_progress_goes_to_stderr(mirror, serve, tmp_path, capsys):
     download_mnist_like(tmp_path, "MNIST", base_url=serve(mirror), progress=True)
     err = capsys.readouterr().err
     assert "t10k-labels-idx1-ubyte.gz" in err and "MiB" in err
+
+
+# ----------------------------------------------------------------------------- CIFAR archives
+
+import io  # noqa: E402
+import os  # noqa: E402
+import tarfile  # noqa: E402
+
+from sparsecl.data import download_cifar, load_cifar  # noqa: E402
+from sparsecl.data.download import CIFAR_ARCHIVES  # noqa: E402
+
+from test_cifar import write_cifar10  # noqa: E402
+
+CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
+
+
+def _cifar_mirror(directory: Path, tmp_path: Path, extra=None, skip=()) -> Path:
+    """``directory/cifar-10-python.tar.gz`` in the official layout (folder cifar-10-batches-py/),
+    from files written by the test; ``extra(tar)`` may add members, ``skip`` leaves files out."""
+    src = tmp_path / "cifar-src"
+    write_cifar10(src, per_class_train=1, per_class_test=1)
+    directory.mkdir(parents=True, exist_ok=True)
+    archive = directory / CIFAR10_ARCHIVE
+    with tarfile.open(archive, "w:gz") as tar:
+        folder = src / "cifar-10-batches-py"
+        tar.add(folder, arcname="cifar-10-batches-py", recursive=False)
+        for p in sorted(folder.iterdir()):
+            if p.name not in skip:
+                tar.add(p, arcname=f"cifar-10-batches-py/{p.name}")
+        if extra is not None:
+            extra(tar)
+    return archive
+
+
+@pytest.fixture
+def cifar_md5(monkeypatch):
+    """Make the MD5 table accept the archive at ``path``."""
+
+    def accept(path: Path) -> None:
+        monkeypatch.setitem(CIFAR_ARCHIVES, "CIFAR10", {CIFAR10_ARCHIVE: _md5(path)})
+
+    return accept
+
+
+def test_cifar_download_verifies_extracts_and_loads(serve, tmp_path, cifar_md5):
+    archive = _cifar_mirror(tmp_path / "mirror", tmp_path)
+    cifar_md5(archive)
+    root = tmp_path / "root"
+    folder = download_cifar(root, "CIFAR10", base_url=serve(tmp_path / "mirror"))
+    assert folder == root / "cifar-10-batches-py"
+    assert [p.name for p in root.iterdir()] == ["cifar-10-batches-py"]  # no archive, no temporary folder
+    src = tmp_path / "cifar-src" / "cifar-10-batches-py"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in src.iterdir())
+    for p in src.iterdir():
+        assert (folder / p.name).read_bytes() == p.read_bytes()
+    images, labels = load_cifar(root, "CIFAR10", train=True)
+    assert images.shape == (50, 3, 32, 32) and labels.shape == (50,)
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    download_cifar(root, "CIFAR10", base_url=_closed_port_url())  # complete: no request made
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+
+
+def test_cifar_checksum_mismatch_leaves_nothing_behind(serve, tmp_path):
+    _cifar_mirror(tmp_path / "mirror", tmp_path)  # the official MD5 cannot match it
+    url = serve(tmp_path / "mirror")
+    root = tmp_path / "root"
+    with pytest.raises(DataFormatError) as info:
+        download_cifar(root, "CIFAR10", base_url=url)
+    msg = str(info.value)
+    assert f"{url}{CIFAR10_ARCHIVE}" in msg and "expected MD5 c58f30108f718f92721af3b95e74349a" in msg
+    assert list(root.iterdir()) == []
+
+
+def test_cifar_download_errors_leave_nothing_behind(serve, tmp_path):
+    with pytest.raises(DataNotFoundError, match="404"):
+        download_cifar(tmp_path / "a", "CIFAR100", base_url=serve(tmp_path))
+    assert list((tmp_path / "a").iterdir()) == []
+    with pytest.raises(DataNotFoundError, match="download failed"):
+        download_cifar(tmp_path / "b", "CIFAR10", base_url=_closed_port_url(), timeout=5)
+    assert list((tmp_path / "b").iterdir()) == []
+
+
+def _symlink(tar):
+    info = tarfile.TarInfo("cifar-10-batches-py/evil")
+    info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    tar.addfile(info)
+
+
+def _member(name):
+    def add(tar):
+        info = tarfile.TarInfo(name)
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"evil"))
+    return add
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (_member("../evil"), "absolute or parent (..) path"),
+    (_member("cifar-10-batches-py/../../evil"), "absolute or parent (..) path"),
+    (_member("/tmp/sparsecl-evil"), "absolute or parent (..) path"),
+    (_symlink, "is a link or special file"),
+])
+def test_unsafe_archives_are_refused_before_extracting(serve, tmp_path, cifar_md5, extra, fragment):
+    archive = _cifar_mirror(tmp_path / "mirror", tmp_path, extra=extra)
+    cifar_md5(archive)
+    root = tmp_path / "deep" / "root"
+    with pytest.raises(DataFormatError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        download_cifar(root, "CIFAR10", base_url=serve(tmp_path / "mirror"))
+    assert list(root.iterdir()) == []
+    assert not (tmp_path / "deep" / "evil").exists() and not (tmp_path / "evil").exists()
+    assert not Path("/tmp/sparsecl-evil").exists()
+
+
+def test_archive_without_the_expected_files(serve, tmp_path, cifar_md5):
+    archive = _cifar_mirror(tmp_path / "mirror", tmp_path, skip={"data_batch_4"})
+    cifar_md5(archive)
+    with pytest.raises(DataFormatError, match="does not hold cifar-10-batches-py/ with data_batch_1"):
+        download_cifar(tmp_path / "root", "CIFAR10", base_url=serve(tmp_path / "mirror"))
+    assert list((tmp_path / "root").iterdir()) == []
+    (tmp_path / "mirror" / CIFAR10_ARCHIVE).write_bytes(b"not a tar archive")
+    cifar_md5(tmp_path / "mirror" / CIFAR10_ARCHIVE)
+    with pytest.raises(DataFormatError, match="cannot be extracted"):
+        download_cifar(tmp_path / "root", "CIFAR10", base_url=serve(tmp_path / "mirror"))
+    assert list((tmp_path / "root").iterdir()) == []
+
+
+def test_incomplete_folder_is_replaced(serve, tmp_path, cifar_md5):
+    archive = _cifar_mirror(tmp_path / "mirror", tmp_path)
+    cifar_md5(archive)
+    stale = tmp_path / "root" / "cifar-10-batches-py"
+    stale.mkdir(parents=True)
+    (stale / "data_batch_1").write_bytes(b"stale")
+    download_cifar(tmp_path / "root", "CIFAR10", base_url=serve(tmp_path / "mirror"))
+    assert (stale / "data_batch_1").read_bytes() != b"stale" and (stale / "test_batch").is_file()
+    assert [p.name for p in (tmp_path / "root").iterdir()] == ["cifar-10-batches-py"]
+
+
+def test_cifar_load_and_benchmark_with_download_true(serve, tmp_path, cifar_md5, monkeypatch):
+    archive = _cifar_mirror(tmp_path / "mirror", tmp_path)
+    cifar_md5(archive)
+    monkeypatch.setitem(download_module.MIRRORS, "CIFAR10", serve(tmp_path / "mirror"))
+    (tmp_path / "root").mkdir()
+    with pytest.raises(DataNotFoundError, match="--download"):
+        load_cifar(tmp_path / "root", "CIFAR10", train=False)
+    images, _ = load_cifar(tmp_path / "root", "CIFAR10", train=False, download=True)
+    assert images.shape == (10, 3, 32, 32)
+    bench = load_benchmark("split-cifar10", data_root=tmp_path / "new-root", download=True, num_tasks=1)
+    assert bench.num_tasks == 1 and len(bench.tasks[0].test_y) == 2
+    assert os.listdir(tmp_path / "new-root") == ["cifar-10-batches-py"]
+
+
+def test_unknown_cifar_dataset(tmp_path):
+    from sparsecl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="CIFAR10, CIFAR100"):
+        download_cifar(tmp_path, "MNIST")

@@ -2,10 +2,14 @@
 
 Every builder returns a :class:`~sparsecl.data.types.Benchmark` whose tasks hold, in memory:
 
-* ``train_x`` / ``val_x`` / ``test_x``: images ``(N, 1, H, W)``, ``uint8`` 0..255 for the MNIST
-  family (H = W = 28), ``float32`` in [0, 1] for ``split-digits`` (H = W = 8);
+* ``train_x`` / ``val_x`` / ``test_x``: images ``(N, C, H, W)``, ``uint8`` 0..255 for the MNIST
+  family (C = 1, H = W = 28) and the CIFAR benchmarks (C = 3, H = W = 32), ``float32`` in [0, 1]
+  for ``split-digits`` (C = 1, H = W = 8);
 * ``train_y`` / ``val_y`` / ``test_y``: ``int64`` ``(N,)`` task-local labels; ``classes[k]`` is the
-  original label of local class ``k``.
+  original label of local class ``k``;
+* ``normalize`` / ``augment``: the CIFAR benchmarks set the data set's per-channel mean and std
+  (``normalize=True``, the default) and ask for random crop + flip of the training batches
+  (``augment=True``, the default); the others leave ``normalize=None``, ``augment=False``.
 
 Randomness (class order aside) comes from ``seed`` only, through ``torch.Generator`` objects derived
 from ``(seed, purpose, task)``, so the same arguments always give identical tensors and changing
@@ -25,22 +29,39 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .formats import load_mnist_like, resolve_data_root
+from .formats import load_cifar, load_mnist_like, resolve_data_root
 from .types import Benchmark, TaskData
 
 __all__ = [
     "BENCHMARKS",
+    "CIFAR_STATS",
+    "CIFAR100_CLASS_ORDER_SEED",
+    "cifar10_100",
     "load_benchmark",
     "permuted_mnist",
     "pixel_permutations",
+    "split_cifar10",
+    "split_cifar100",
     "split_digits",
     "split_fashion_mnist",
     "split_mnist",
 ]
 
-_NUM_CLASSES = 10  # every data set here has 10 classes
+_NUM_CLASSES = 10  # the MNIST family, the digits and CIFAR-10 have 10 classes
 _CLASSES_PER_SPLIT_TASK = 2
 _MAX_SPLIT_TASKS = _NUM_CLASSES // _CLASSES_PER_SPLIT_TASK
+
+#: Per-channel (R, G, B) mean and std of the [0, 1]-scaled training images of each CIFAR data set,
+#: the values every CIFAR recipe normalizes with.
+CIFAR_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "CIFAR10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "CIFAR100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+#: Default ``class_order_seed`` of split-cifar100: iCaRL's seed, as in FACIL. With it the class
+#: order is ``numpy.random.RandomState(1993).permutation(100)`` = 68, 56, 78, 8, 23, ..., the order
+#: of iCaRL and of FACIL's ``cifar100_icarl``.
+CIFAR100_CLASS_ORDER_SEED = 1993
 
 
 # ----------------------------------------------------------------------------- option checks
@@ -82,6 +103,11 @@ def _check_split(
         )
     _check_int("class_order_seed", class_order_seed, -(2**63), 2**63 - 1, optional=True)
     _check_common(seed, val_fraction, max_train, max_test)
+
+
+def _check_bool(option: str, value: Any) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ConfigError(f"{option} must be True or False, got {value!r}")
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -127,10 +153,13 @@ def _make_task(
     max_train: int | None,
     max_test: int | None,
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+    augment: bool = False,
 ) -> TaskData:
     """One task made of the samples of ``classes`` in ``train`` / ``test`` (``(x, y)`` pairs with
     original labels): seeded subsets, a seeded validation split of the training part, labels
-    remapped to local indices, and ``transform`` applied to every image tensor."""
+    remapped to local indices, and ``transform`` applied to every image tensor. ``normalize`` and
+    ``augment`` are stored in the task (see :class:`TaskData`)."""
     lut = torch.full((int(max(classes)) + 1,), -1, dtype=torch.int64)
     lut[list(classes)] = torch.arange(len(classes))
     wanted = torch.tensor(classes)
@@ -154,11 +183,56 @@ def _make_task(
     train_x, train_y = part(train, train_idx)
     val_x, val_y = part(train, val_idx)
     test_x, test_y = part(test, test_idx)
-    return TaskData(task_id, name, tuple(int(c) for c in classes), train_x, train_y, val_x, val_y, test_x, test_y)
+    return TaskData(task_id, name, tuple(int(c) for c in classes), train_x, train_y, val_x, val_y, test_x, test_y,
+                    normalize=normalize, augment=bool(augment))
 
 
 def _sizes(tasks: list[TaskData]) -> list[dict[str, int]]:
     return [{"train": len(t.train_y), "val": len(t.val_y), "test": len(t.test_y)} for t in tasks]
+
+
+def _class_order(num_classes: int, class_order_seed: int | None, rng: str = "torch") -> list[int]:
+    """``0 .. num_classes - 1``, or shuffled by ``class_order_seed``: with ``rng="torch"``
+    ``torch.randperm`` of a generator seeded with it (the MNIST family, split-cifar10), with
+    ``rng="numpy"`` ``numpy.random.RandomState(seed).permutation`` (iCaRL's and FACIL's convention,
+    used for CIFAR-100; the seed must then be in 0 .. 2**32 - 1)."""
+    if class_order_seed is None:
+        return list(range(num_classes))
+    if rng == "numpy":
+        return [int(c) for c in np.random.RandomState(class_order_seed).permutation(num_classes)]
+    return torch.randperm(num_classes, generator=torch.Generator().manual_seed(class_order_seed)).tolist()
+
+
+def _class_split_tasks(
+    name: str,
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    order: list[int],
+    *,
+    num_tasks: int,
+    classes_per_task: int,
+    first_task_id: int = 0,
+    seed: int,
+    val_fraction: float,
+    max_train: int | None,
+    max_test: int | None,
+    normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+    augment: bool = False,
+) -> list[TaskData]:
+    """``num_tasks`` tasks of ``classes_per_task`` consecutive classes of ``order``, numbered from
+    ``first_task_id``."""
+    tasks = []
+    for k in range(num_tasks):
+        classes = tuple(order[k * classes_per_task : (k + 1) * classes_per_task])
+        task_name = f"{name}:{'-'.join(map(str, classes))}"
+        tasks.append(
+            _make_task(
+                first_task_id + k, task_name, classes, train, test,
+                seed=seed, val_fraction=val_fraction, max_train=max_train, max_test=max_test,
+                normalize=normalize, augment=augment,
+            )
+        )
+    return tasks
 
 
 def _class_split_benchmark(
@@ -173,22 +247,20 @@ def _class_split_benchmark(
     max_train: int | None,
     max_test: int | None,
     info: dict[str, Any],
+    num_classes: int = _NUM_CLASSES,
+    classes_per_task: int = _CLASSES_PER_SPLIT_TASK,
+    order_rng: str = "torch",
+    normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+    augment: bool = False,
 ) -> Benchmark:
-    """Tasks of 2 consecutive classes of the class order (0..9, or shuffled by ``class_order_seed``)."""
-    if class_order_seed is None:
-        order = list(range(_NUM_CLASSES))
-    else:
-        order = torch.randperm(_NUM_CLASSES, generator=torch.Generator().manual_seed(class_order_seed)).tolist()
-    tasks = []
-    for t in range(num_tasks):
-        classes = tuple(order[t * _CLASSES_PER_SPLIT_TASK : (t + 1) * _CLASSES_PER_SPLIT_TASK])
-        task_name = f"{name}:{'-'.join(map(str, classes))}"
-        tasks.append(
-            _make_task(
-                t, task_name, classes, train, test,
-                seed=seed, val_fraction=val_fraction, max_train=max_train, max_test=max_test,
-            )
-        )
+    """Tasks of ``classes_per_task`` consecutive classes of the class order (``0 .. num_classes - 1``,
+    or shuffled by ``class_order_seed``, see :func:`_class_order`)."""
+    order = _class_order(num_classes, class_order_seed, order_rng)
+    tasks = _class_split_tasks(
+        name, train, test, order,
+        num_tasks=num_tasks, classes_per_task=classes_per_task, seed=seed, val_fraction=val_fraction,
+        max_train=max_train, max_test=max_test, normalize=normalize, augment=augment,
+    )
     info = {
         **info,
         "seed": seed,
@@ -213,6 +285,26 @@ def _mnist_tensors(
         images, labels = load_mnist_like(root, dataset, train, download=download)
         parts.append((torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels)))
     return str(root), parts[0], parts[1]
+
+
+def _cifar_tensors(
+    root: os.PathLike, dataset: str, download: bool
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """((train_x, train_y), (test_x, test_y)) with images ``uint8 (N, 3, 32, 32)``."""
+    parts = []
+    for train in (True, False):
+        images, labels = load_cifar(root, dataset, train, download=download)
+        parts.append((torch.from_numpy(images), torch.from_numpy(labels)))
+    return parts[0], parts[1]
+
+
+def _cifar_info(dataset: str, root: os.PathLike, normalize: bool, augment: bool) -> dict[str, Any]:
+    return {
+        "dataset": dataset,
+        "data_root": str(root),
+        "normalize": [list(v) for v in CIFAR_STATS[dataset]] if normalize else None,
+        "augment": bool(augment),
+    }
 
 
 # ----------------------------------------------------------------------------- builders
@@ -376,6 +468,170 @@ def split_digits(
     )
 
 
+def _check_cifar(num_tasks: Any, seed: Any, class_order_seed: Any, val_fraction: Any, max_train: Any,
+                 max_test: Any, augment: Any, normalize: Any, *, numpy_seed: bool) -> None:
+    _check_int("num_tasks", num_tasks, 1)
+    if numpy_seed:
+        _check_int("class_order_seed", class_order_seed, 0, 2**32 - 1, optional=True)
+    else:
+        _check_int("class_order_seed", class_order_seed, -(2**63), 2**63 - 1, optional=True)
+    _check_common(seed, val_fraction, max_train, max_test)
+    _check_bool("augment", augment)
+    _check_bool("normalize", normalize)
+
+
+def split_cifar100(
+    data_root: str | os.PathLike | None = None,
+    num_tasks: int | None = None,
+    classes_per_task: int = 10,
+    seed: int = 0,
+    class_order_seed: int | None = CIFAR100_CLASS_ORDER_SEED,
+    val_fraction: float = 0.1,
+    max_train_per_task: int | None = None,
+    max_test_per_task: int | None = None,
+    download: bool = False,
+    augment: bool = True,
+    normalize: bool = True,
+) -> Benchmark:
+    """Split CIFAR-100: the 100 classes in tasks of ``classes_per_task`` classes, consecutive in
+    the class order (10 tasks of 10, or 20 of 5, ...; ``classes_per_task`` must divide 100);
+    ``num_tasks`` (default: all ``100 // classes_per_task``) keeps the first tasks only.
+
+    The class order is ``numpy.random.RandomState(class_order_seed).permutation(100)``, by default
+    with iCaRL's seed 1993 (:data:`CIFAR100_CLASS_ORDER_SEED`), which gives iCaRL's order, the
+    one FACIL uses (68, 56, 78, 8, 23, ...); ``class_order_seed=None`` keeps 0..99. The order is
+    recorded in ``info["class_order"]``. Reads ``<root>/cifar-100-python/`` (see
+    :func:`sparsecl.data.formats.load_cifar`); 500 training and 100 test images per class before
+    ``max_*_per_task`` and ``val_fraction``.
+
+    Images ``uint8 (N, 3, 32, 32)``; labels ``int64`` in 0..classes_per_task-1. With ``normalize``
+    every task carries CIFAR-100's per-channel mean and std (:data:`CIFAR_STATS`), with ``augment``
+    its training batches get random crop (padding 4) + horizontal flip.
+
+    Raises:
+        ConfigError: ``classes_per_task`` does not divide 100, ``num_tasks`` exceeds
+            ``100 // classes_per_task``, or another option out of range.
+        DataNotFoundError / DataFormatError: see :func:`sparsecl.data.formats.load_cifar`.
+    """
+    _check_int("classes_per_task", classes_per_task, 1, 100)
+    if 100 % classes_per_task:
+        divisors = ", ".join(str(d) for d in range(1, 101) if 100 % d == 0)
+        raise ConfigError(f"classes_per_task={classes_per_task} does not split the 100 classes of CIFAR-100 "
+                          f"evenly; expected one of {divisors}")
+    max_tasks = 100 // classes_per_task
+    num_tasks = max_tasks if num_tasks is None else num_tasks
+    _check_int("num_tasks", num_tasks, 1, max_tasks)
+    _check_cifar(num_tasks, seed, class_order_seed, val_fraction, max_train_per_task, max_test_per_task,
+                 augment, normalize, numpy_seed=True)
+    root = resolve_data_root(data_root, must_exist=not download)
+    train, test = _cifar_tensors(root, "CIFAR100", download)
+    return _class_split_benchmark(
+        "split-cifar100", train, test,
+        num_tasks=num_tasks, seed=seed, class_order_seed=class_order_seed, val_fraction=val_fraction,
+        max_train=max_train_per_task, max_test=max_test_per_task,
+        info={**_cifar_info("CIFAR100", root, normalize, augment), "classes_per_task": classes_per_task},
+        num_classes=100, classes_per_task=classes_per_task, order_rng="numpy",
+        normalize=CIFAR_STATS["CIFAR100"] if normalize else None, augment=augment,
+    )
+
+
+def split_cifar10(
+    data_root: str | os.PathLike | None = None,
+    num_tasks: int = 5,
+    seed: int = 0,
+    class_order_seed: int | None = None,
+    val_fraction: float = 0.1,
+    max_train_per_task: int | None = None,
+    max_test_per_task: int | None = None,
+    download: bool = False,
+    augment: bool = True,
+    normalize: bool = True,
+) -> Benchmark:
+    """Split CIFAR-10: up to 5 tasks of 2 classes, (0, 1), (2, 3), ... unless ``class_order_seed``
+    shuffles the class order (as :func:`split_mnist`: ``torch.randperm``). Reads
+    ``<root>/cifar-10-batches-py/``. Images ``uint8 (N, 3, 32, 32)``; labels ``int64`` in {0, 1};
+    ``normalize`` / ``augment`` as in :func:`split_cifar100`, with CIFAR-10's statistics.
+
+    Raises:
+        ConfigError: ``num_tasks`` outside 1..5 or another option out of range.
+        DataNotFoundError / DataFormatError: see :func:`sparsecl.data.formats.load_cifar`.
+    """
+    _check_split(num_tasks, seed, class_order_seed, val_fraction, max_train_per_task, max_test_per_task)
+    _check_bool("augment", augment)
+    _check_bool("normalize", normalize)
+    root = resolve_data_root(data_root, must_exist=not download)
+    train, test = _cifar_tensors(root, "CIFAR10", download)
+    return _class_split_benchmark(
+        "split-cifar10", train, test,
+        num_tasks=num_tasks, seed=seed, class_order_seed=class_order_seed, val_fraction=val_fraction,
+        max_train=max_train_per_task, max_test=max_test_per_task,
+        info=_cifar_info("CIFAR10", root, normalize, augment),
+        normalize=CIFAR_STATS["CIFAR10"] if normalize else None, augment=augment,
+    )
+
+
+def cifar10_100(
+    data_root: str | os.PathLike | None = None,
+    num_tasks: int = 6,
+    seed: int = 0,
+    class_order_seed: int | None = None,
+    val_fraction: float = 0.1,
+    max_train_per_task: int | None = None,
+    max_test_per_task: int | None = None,
+    download: bool = False,
+    augment: bool = True,
+    normalize: bool = True,
+) -> Benchmark:
+    """CIFAR-10/100 (Zenke et al. 2017, used by CLNP): task 0 is all of CIFAR-10 (10 classes,
+    ``classes == (0, ..., 9)``, CIFAR-10 labels), then ``num_tasks - 1`` tasks of 10 consecutive
+    CIFAR-100 classes (``classes`` holds CIFAR-100 labels): 0-9, 10-19, ... by default, or in the
+    order ``numpy.random.RandomState(class_order_seed).permutation(100)``. ``num_tasks`` is 1..11
+    (default 6: CIFAR-10 and the first 50 CIFAR-100 classes). Needs both ``cifar-10-batches-py/``
+    and ``cifar-100-python/`` under the data root.
+
+    Images ``uint8 (N, 3, 32, 32)``; labels ``int64`` in 0..9. With ``normalize`` each task carries
+    the statistics of its own data set (:data:`CIFAR_STATS`); ``info["task_datasets"]`` names it.
+
+    Raises:
+        ConfigError: ``num_tasks`` outside 1..11 or another option out of range.
+        DataNotFoundError / DataFormatError: see :func:`sparsecl.data.formats.load_cifar`.
+    """
+    _check_cifar(num_tasks, seed, class_order_seed, val_fraction, max_train_per_task, max_test_per_task,
+                 augment, normalize, numpy_seed=True)
+    if num_tasks > 11:
+        raise ConfigError(f"num_tasks={num_tasks} is too large: CIFAR-10 and the 100 CIFAR-100 classes split "
+                          "10 per task allow at most 11 tasks")
+    root = resolve_data_root(data_root, must_exist=not download)
+    common = dict(seed=seed, val_fraction=val_fraction, max_train=max_train_per_task, max_test=max_test_per_task,
+                  augment=augment)
+    train10, test10 = _cifar_tensors(root, "CIFAR10", download)
+    tasks = [_make_task(0, "cifar10-100:cifar10", tuple(range(10)), train10, test10,
+                        normalize=CIFAR_STATS["CIFAR10"] if normalize else None, **common)]
+    order = _class_order(100, class_order_seed, "numpy")
+    if num_tasks > 1:
+        train100, test100 = _cifar_tensors(root, "CIFAR100", download)
+        tasks += _class_split_tasks(
+            "cifar10-100:cifar100", train100, test100, order, num_tasks=num_tasks - 1, classes_per_task=10,
+            first_task_id=1, normalize=CIFAR_STATS["CIFAR100"] if normalize else None, **common,
+        )
+    info = {
+        "dataset": "CIFAR10+CIFAR100",
+        "data_root": str(root),
+        "task_datasets": ["CIFAR10"] + ["CIFAR100"] * (num_tasks - 1),
+        "normalize": {d: [list(v) for v in CIFAR_STATS[d]] for d in ("CIFAR10", "CIFAR100")} if normalize else None,
+        "augment": bool(augment),
+        "seed": seed,
+        "class_order_seed": class_order_seed,
+        "class_order": order,
+        "task_classes": [list(t.classes) for t in tasks],
+        "val_fraction": val_fraction,
+        "max_train_per_task": max_train_per_task,
+        "max_test_per_task": max_test_per_task,
+        "sizes": _sizes(tasks),
+    }
+    return Benchmark("cifar10-100", tasks, (3, 32, 32), info)
+
+
 # ----------------------------------------------------------------------------- registry
 
 #: Benchmark name -> builder.
@@ -384,6 +640,9 @@ BENCHMARKS: dict[str, Callable[..., Benchmark]] = {
     "split-mnist": split_mnist,
     "split-fashion-mnist": split_fashion_mnist,
     "split-digits": split_digits,
+    "split-cifar10": split_cifar10,
+    "split-cifar100": split_cifar100,
+    "cifar10-100": cifar10_100,
 }
 
 

@@ -1,8 +1,12 @@
-"""Checksum-verified download of MNIST / Fashion-MNIST into ``<root>/<dataset>/raw/``.
+"""Checksum-verified download of MNIST / Fashion-MNIST into ``<root>/<dataset>/raw/`` and of the
+CIFAR-10 / CIFAR-100 python-version archives into ``<root>/cifar-10-batches-py/`` and
+``<root>/cifar-100-python/``.
 
 Each file is streamed into a temporary file in the target directory, its MD5 compared with the
 official one, and only then moved into place with :func:`os.replace` (atomic), so an interrupted
-or corrupt download never leaves a partial file under the final name.
+or corrupt download never leaves a partial file under the final name. A CIFAR archive is verified
+the same way, then extracted (regular files and folders only, no absolute path, no ``..``, no link)
+into a temporary folder in the data root, and the extracted folder is renamed into place.
 """
 
 from __future__ import annotations
@@ -10,20 +14,31 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import shutil
 import sys
+import tarfile
 import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from ..errors import ConfigError, DataFormatError, DataNotFoundError
+from .formats import CIFAR_FOLDERS, cifar_file_names
 
-__all__ = ["MIRRORS", "MD5S", "download_mnist_like", "file_md5"]
+__all__ = ["CIFAR_ARCHIVES", "MIRRORS", "MD5S", "download_cifar", "download_mnist_like", "file_md5"]
 
 #: Default mirror of each data set (a ``base_url`` argument overrides it).
 MIRRORS: dict[str, str] = {
     "MNIST": "https://ossci-datasets.s3.amazonaws.com/mnist/",
     "FashionMNIST": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+    "CIFAR10": "https://www.cs.toronto.edu/~kriz/",
+    "CIFAR100": "https://www.cs.toronto.edu/~kriz/",
+}
+
+#: Official archive of each CIFAR data set: ``{archive name: MD5}``.
+CIFAR_ARCHIVES: dict[str, dict[str, str]] = {
+    "CIFAR10": {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a"},
+    "CIFAR100": {"cifar-100-python.tar.gz": "eb9058c3a382ffc7106e4002c42a8d85"},
 }
 
 #: Official MD5 of each gzip file.
@@ -131,3 +146,97 @@ def download_mnist_like(
             print(f"downloading {base}{name}", file=sys.stderr, flush=True)
         _fetch(base + name, dest, md5, timeout, progress)
     return raw_dir
+
+
+def _cifar_complete(folder: Path, dataset: str) -> bool:
+    """Whether ``folder`` holds every train and test file of ``dataset``."""
+    return all((folder / n).is_file() for n in cifar_file_names(dataset, True) + cifar_file_names(dataset, False))
+
+
+def _safe_extract(archive: Path, dest: Path, url: str) -> None:
+    """Extract the tar archive ``archive`` into ``dest``, refusing (before extracting anything) any
+    member that is not a regular file or folder or whose name is absolute or contains ``..``; the
+    ``"data"`` extraction filter of :mod:`tarfile` is applied on top where Python has it."""
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            members = tar.getmembers()
+            for m in members:
+                parts = m.name.replace("\\", "/").split("/")
+                if m.name.startswith(("/", "\\")) or ".." in parts or (len(m.name) > 1 and m.name[1] == ":"):
+                    raise DataFormatError(f"{url}: archive member {m.name!r} has an absolute or parent (..) path; "
+                                          "expected paths inside the archive's folder; nothing was extracted")
+                if not (m.isfile() or m.isdir()):
+                    raise DataFormatError(f"{url}: archive member {m.name!r} is a link or special file; expected "
+                                          "regular files and folders only; nothing was extracted")
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(dest, members=members, filter="data")
+            else:  # Python < 3.11.4: the checks above already refuse what the filter would
+                tar.extractall(dest, members=members)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        if isinstance(exc, DataFormatError):
+            raise
+        raise DataFormatError(f"{url}: the archive cannot be extracted ({exc}); expected a tar.gz archive") from None
+
+
+def download_cifar(
+    root: str | os.PathLike,
+    dataset: str,
+    base_url: str | None = None,
+    progress: bool = False,
+    timeout: float = 60.0,
+) -> Path:
+    """Download the official python-version archive of ``dataset`` ("CIFAR10" or "CIFAR100"),
+    verify its MD5 (:data:`CIFAR_ARCHIVES`) and extract it into ``root``, giving
+    ``<root>/cifar-10-batches-py/`` or ``<root>/cifar-100-python/``.
+
+    Nothing is downloaded when the folder already holds every train and test file. Otherwise the
+    archive is streamed into a temporary folder inside ``root`` (created if needed), checked,
+    extracted there (regular files and folders only; absolute paths, ``..`` and links are refused),
+    checked for the expected files, and the extracted folder is renamed into place; an incomplete
+    folder already there is replaced. The archive itself is not kept. ``base_url`` (a directory URL
+    holding the archive) overrides the default mirror in :data:`MIRRORS`. With ``progress`` a
+    progress line goes to stderr.
+
+    Returns:
+        The data set's folder.
+
+    Raises:
+        ConfigError: unknown ``dataset``.
+        DataNotFoundError: a network or HTTP error (the message names the URL and expected MD5).
+        DataFormatError: the archive's MD5 differs from the official one, the archive is not a
+            valid tar.gz, holds an unsafe member, or lacks an expected file (the message names the
+            URL and what was expected).
+        In every error case no partial or temporary file is left behind and an existing folder is
+        left as it was.
+    """
+    if dataset not in CIFAR_ARCHIVES:
+        raise ConfigError(f"dataset {dataset!r} is not a CIFAR data set; known: {', '.join(CIFAR_ARCHIVES)}")
+    (name, md5), = CIFAR_ARCHIVES[dataset].items()
+    base = (base_url or MIRRORS[dataset]).rstrip("/") + "/"
+    root = Path(root).expanduser()
+    folder_name = CIFAR_FOLDERS[dataset]
+    final = root / folder_name
+    if _cifar_complete(final, dataset):
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=f".{folder_name}.", suffix=".part") as tmp_name:
+        tmp = Path(tmp_name)
+        archive = tmp / name
+        url = base + name
+        if progress:
+            print(f"downloading {url}", file=sys.stderr, flush=True)
+        _fetch(url, archive, md5, timeout, progress)
+        extracted = tmp / "extracted"
+        extracted.mkdir()
+        _safe_extract(archive, extracted, url)
+        archive.unlink()
+        new = extracted / folder_name
+        if not _cifar_complete(new, dataset):
+            expected = ", ".join(cifar_file_names(dataset, True) + cifar_file_names(dataset, False))
+            raise DataFormatError(f"{url}: the archive does not hold {folder_name}/ with {expected}; "
+                                  "nothing was written to " + str(final))
+        if final.exists() or final.is_symlink():
+            # an incomplete earlier copy: moved aside into the temporary folder, deleted with it
+            os.replace(final, tmp / "old")
+        os.replace(new, final)
+    return final

@@ -1,27 +1,40 @@
-"""Readers for the IDX file format and the MNIST / Fashion-MNIST on-disk layout.
+"""Readers for the IDX file format and the MNIST / Fashion-MNIST on-disk layout, and for the
+CIFAR-10 / CIFAR-100 "python version" layout.
 
-The layout is the one torchvision uses: ``<root>/<dataset>/raw/<name>[.gz]`` with ``<name>`` one of
-``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``,
-``t10k-labels-idx1-ubyte``.
+The layouts are the ones torchvision uses: ``<root>/<dataset>/raw/<name>[.gz]`` with ``<name>`` one
+of ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``,
+``t10k-labels-idx1-ubyte``; ``<root>/cifar-10-batches-py/`` (``data_batch_1`` .. ``data_batch_5``,
+``test_batch``, ``batches.meta``) and ``<root>/cifar-100-python/`` (``train``, ``test``, ``meta``),
+as extracted from the official archives. CIFAR files are pickles: they are read by an unpickler that
+only rebuilds numpy arrays and plain containers, never arbitrary objects.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
+import pickle
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ..errors import ConfigError, DataFormatError, DataNotFoundError
 
 __all__ = [
+    "CIFAR_DATASETS",
+    "CIFAR_FOLDERS",
     "DATA_ENV_VAR",
     "MNIST_LIKE_DATASETS",
-    "read_idx",
+    "cifar_class_names",
+    "cifar_file_names",
+    "load_cifar",
     "load_mnist_like",
     "mnist_like_file_names",
+    "read_cifar_pickle",
+    "read_idx",
     "resolve_data_root",
 ]
 
@@ -213,3 +226,263 @@ def load_mnist_like(
             f"{labels_path}: expected labels in 0..9, got {bad} labels outside (max {int(labels.max())})"
         )
     return images, labels.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- CIFAR
+
+#: Data sets stored in the official CIFAR "python version" layout.
+CIFAR_DATASETS = ("CIFAR10", "CIFAR100")
+
+#: Folder (under the data root) of each CIFAR data set, as extracted from the official archive.
+CIFAR_FOLDERS: dict[str, str] = {"CIFAR10": "cifar-10-batches-py", "CIFAR100": "cifar-100-python"}
+
+_CIFAR_NUM_CLASSES = {"CIFAR10": 10, "CIFAR100": 100}
+_CIFAR_LABEL_KEY = {"CIFAR10": "labels", "CIFAR100": "fine_labels"}
+_CIFAR_META = {"CIFAR10": ("batches.meta", "label_names"), "CIFAR100": ("meta", "fine_label_names")}
+_CIFAR_ARCHIVE = {"CIFAR10": "cifar-10-python.tar.gz", "CIFAR100": "cifar-100-python.tar.gz"}
+_CIFAR_IMAGE_SHAPE = (3, 32, 32)
+
+
+def _numpy_global(module: str, name: str) -> Any:
+    """``name`` from numpy's private ``_core`` module (numpy >= 2) or ``core`` (numpy 1.x)."""
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(f"numpy._core.{module}"), name)
+    except (ImportError, AttributeError):
+        return getattr(importlib.import_module(f"numpy.core.{module}"), name)
+
+
+def _allowed_globals() -> dict[tuple[str, str], Any]:
+    """The only globals a CIFAR pickle may name: what rebuilding numpy arrays, numpy scalars and
+    plain containers needs. Pickles written by Python 2 (the official files) name ``numpy.core``;
+    ones written by numpy 2 name ``numpy._core``; protocol 2 pickles of bytes use ``_codecs.encode``."""
+    import builtins
+    import codecs
+
+    allowed: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer")):
+        obj = _numpy_global(module, name)
+        for package in ("numpy.core", "numpy._core"):
+            allowed[(f"{package}.{module}", name)] = obj
+    for name in ("dict", "list", "tuple", "set", "frozenset", "int", "float", "complex", "str", "bytes",
+                 "bytearray", "bool"):
+        allowed[("builtins", name)] = allowed[("__builtin__", name)] = getattr(builtins, name)
+    allowed[("_codecs", "encode")] = codecs.encode
+    return allowed
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only the globals of :func:`_allowed_globals`: a pickle naming any
+    other callable (``os.system``, ``builtins.eval``...) is refused before anything is called."""
+
+    _allowed: dict[tuple[str, str], Any] | None = None
+
+    def find_class(self, module: str, name: str) -> Any:
+        if _RestrictedUnpickler._allowed is None:
+            _RestrictedUnpickler._allowed = _allowed_globals()
+        try:
+            return _RestrictedUnpickler._allowed[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"refused to load the global {module}.{name}: only numpy arrays, numpy scalars and "
+                f"plain containers are allowed"
+            ) from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("refused a persistent id: expected a self-contained pickle")
+
+
+def read_cifar_pickle(path: str | os.PathLike) -> dict[str, Any]:
+    """Read one file of the CIFAR "python version" (a pickled ``dict``, Python 2 or 3) safely.
+
+    The file is unpickled with ``encoding="latin1"`` by an unpickler that only resolves the globals
+    numpy arrays, numpy scalars and plain containers need, so a file naming any other global (a
+    malicious ``os.system`` call, say) is refused without anything being executed. ``bytes`` keys
+    (``b"data"``) are returned as ``str`` keys.
+
+    Returns:
+        The file's ``dict`` with ``str`` keys.
+
+    Raises:
+        DataNotFoundError: the file does not exist.
+        DataFormatError: the file is truncated or corrupt, names a global that is not allowed, or
+            does not hold a ``dict``. The message starts with the file path and says what was
+            expected.
+    """
+    path = Path(path)
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise DataNotFoundError(f"{path}: CIFAR file not found") from None
+    except IsADirectoryError:
+        raise DataFormatError(f"{path}: expected a CIFAR pickle file, found a directory") from None
+    with f:
+        try:
+            obj = _RestrictedUnpickler(f, encoding="latin1").load()
+        except EOFError:
+            raise DataFormatError(
+                f"{path}: truncated pickle (ended before its STOP opcode); expected a complete CIFAR "
+                f"python-version file"
+            ) from None
+        except (pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+                OverflowError, MemoryError, RecursionError, UnicodeError) as exc:
+            raise DataFormatError(f"{path}: corrupt pickle ({exc}); expected a CIFAR python-version file") from None
+        trailing = f.read(1)
+    if trailing:
+        raise DataFormatError(f"{path}: trailing bytes after the pickle; expected exactly one pickled dict")
+    if not isinstance(obj, dict):
+        raise DataFormatError(f"{path}: expected a pickled dict, got {type(obj).__name__}")
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        out[key.decode("latin1") if isinstance(key, bytes) else key] = value
+    return out
+
+
+def cifar_file_names(dataset: str, train: bool) -> tuple[str, ...]:
+    """Names of the files holding the train or test split of ``dataset`` in its folder."""
+    if dataset == "CIFAR10":
+        return tuple(f"data_batch_{i}" for i in range(1, 6)) if train else ("test_batch",)
+    return ("train",) if train else ("test",)
+
+
+def _check_cifar_dataset(dataset: str) -> None:
+    if dataset not in CIFAR_DATASETS:
+        raise ConfigError(f"dataset {dataset!r} is not one of {', '.join(CIFAR_DATASETS)}")
+
+
+def _cifar_missing_error(dataset: str, folder: Path, missing: list[Path], what: str) -> DataNotFoundError:
+    names = ", ".join(cifar_file_names(dataset, True) + cifar_file_names(dataset, False) + (_CIFAR_META[dataset][0],))
+    where = "the folder does not exist" if not folder.is_dir() else "missing: " + ", ".join(str(p) for p in missing)
+    return DataNotFoundError(
+        f"{dataset} {what} files not found in {folder} ({where}). Expected the official python-version "
+        f"layout <root>/{CIFAR_FOLDERS[dataset]}/ holding {names}, as extracted from the official "
+        f"{_CIFAR_ARCHIVE[dataset]}. Point "
+        f"--data-root (or the {DATA_ENV_VAR} environment variable) at the directory that holds "
+        f"{CIFAR_FOLDERS[dataset]}/, or pass download=True (--download) to fetch the archive."
+    )
+
+
+def _labels_array(path: Path, key: str, value: Any, num_classes: int) -> np.ndarray:
+    """``value`` (a list or array of integers) as ``int64 (N,)`` with values in 0..num_classes-1."""
+    try:
+        labels = np.asarray(value)
+    except (ValueError, TypeError) as exc:
+        raise DataFormatError(f"{path}: '{key}' is not a list of integers ({exc})") from None
+    if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer) or (labels.size == 0)):
+        raise DataFormatError(
+            f"{path}: expected '{key}' to be a 1-D list of integers, got {labels.dtype} of shape {labels.shape}"
+        )
+    labels = labels.astype(np.int64)
+    bad = (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        raise DataFormatError(
+            f"{path}: expected '{key}' in 0..{num_classes - 1}, got {int(bad.sum())} labels outside "
+            f"(min {int(labels.min())}, max {int(labels.max())})"
+        )
+    return labels
+
+
+@functools.lru_cache(maxsize=8)
+def _read_cifar_split_file(path_str: str, size: int, mtime_ns: int, dataset: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``uint8 (N, 3, 32, 32)`` and labels ``int64 (N,)`` of one CIFAR file, read-only.
+    Cached per process on (resolved path, size, modification time), so rebuilding a benchmark does
+    not read the same 150 MB again; callers copy before handing the arrays out."""
+    path = Path(path_str)
+    d = read_cifar_pickle(path)
+    label_key = _CIFAR_LABEL_KEY[dataset]
+    missing = [k for k in ("data", label_key) if k not in d]
+    if missing:
+        raise DataFormatError(
+            f"{path}: missing key(s) {', '.join(map(repr, missing))}; expected a dict with 'data' and "
+            f"'{label_key}' (found {', '.join(map(repr, sorted(map(str, d))))})"
+        )
+    data = d["data"]
+    pixels = int(np.prod(_CIFAR_IMAGE_SHAPE))
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != pixels:
+        got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DataFormatError(f"{path}: expected 'data' to be a uint8 array of shape (N, {pixels}), got {got}")
+    labels = _labels_array(path, label_key, d[label_key], _CIFAR_NUM_CLASSES[dataset])
+    if len(labels) != len(data):
+        raise DataFormatError(
+            f"{path}: holds {len(data)} images but {len(labels)} '{label_key}'; expected equal counts"
+        )
+    images = np.ascontiguousarray(data.reshape((len(data),) + _CIFAR_IMAGE_SHAPE))
+    images.flags.writeable = False
+    labels.flags.writeable = False
+    return images, labels
+
+
+def load_cifar(
+    root: str | os.PathLike | None,
+    dataset: str,
+    train: bool,
+    download: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Load CIFAR-10 or CIFAR-100 from the official python-version layout.
+
+    ``dataset="CIFAR10"`` reads ``<root>/cifar-10-batches-py/`` (``data_batch_1`` .. ``data_batch_5``
+    for train, ``test_batch`` for test; key ``labels``); ``dataset="CIFAR100"`` reads
+    ``<root>/cifar-100-python/`` (``train`` / ``test``; key ``fine_labels``, the 100 classes). Files
+    are read with :func:`read_cifar_pickle` (no code is executed) and cached per process, keyed on
+    their resolved path, size and modification time. ``root=None`` falls back to ``SPARSECL_DATA``.
+    With ``download=True`` missing files are first fetched with
+    :func:`sparsecl.data.download.download_cifar`.
+
+    Returns:
+        ``(images, labels)``: images ``uint8`` of shape ``(N, 3, 32, 32)`` (channels R, G, B), labels
+        ``int64`` of shape ``(N,)`` with values 0..9 (CIFAR-10) or 0..99 (CIFAR-100). Fresh,
+        writable arrays.
+
+    Raises:
+        ConfigError: ``dataset`` is not ``"CIFAR10"`` or ``"CIFAR100"``.
+        DataNotFoundError: the folder or a file is missing (the message names the paths and the
+            expected layout).
+        DataFormatError: a file is truncated or corrupt, names a global that is not allowed, lacks
+            ``data`` or the labels, has data that is not ``uint8 (N, 3072)``, labels out of range,
+            or image and label counts that differ.
+    """
+    _check_cifar_dataset(dataset)
+    root = resolve_data_root(root, must_exist=not download)
+    folder = root / CIFAR_FOLDERS[dataset]
+    paths = [folder / name for name in cifar_file_names(dataset, train)]
+    missing = [p for p in paths if not p.is_file()]
+    if missing and download:
+        from .download import download_cifar
+
+        download_cifar(root, dataset)
+        missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise _cifar_missing_error(dataset, folder, missing, "train" if train else "test")
+    parts = []
+    for p in paths:
+        st = p.stat()
+        parts.append(_read_cifar_split_file(str(p.resolve()), st.st_size, st.st_mtime_ns, dataset))
+    if len(parts) == 1:
+        return parts[0][0].copy(), parts[0][1].copy()
+    return np.concatenate([im for im, _ in parts]), np.concatenate([lb for _, lb in parts])
+
+
+def cifar_class_names(root: str | os.PathLike | None, dataset: str) -> list[str]:
+    """The class names of ``dataset`` from its meta file (``batches.meta`` key ``label_names`` for
+    CIFAR-10, ``meta`` key ``fine_label_names`` for CIFAR-100): ``names[label]``.
+
+    Raises:
+        ConfigError: unknown ``dataset``.
+        DataNotFoundError: the meta file is missing.
+        DataFormatError: the file is not a valid pickle, lacks the key, or does not list exactly
+            10 / 100 names.
+    """
+    _check_cifar_dataset(dataset)
+    folder = resolve_data_root(root) / CIFAR_FOLDERS[dataset]
+    name, key = _CIFAR_META[dataset]
+    path = folder / name
+    if not path.is_file():
+        raise _cifar_missing_error(dataset, folder, [path], "meta")
+    d = read_cifar_pickle(path)
+    names = d.get(key)
+    n = _CIFAR_NUM_CLASSES[dataset]
+    if not isinstance(names, (list, tuple)) or len(names) != n or not all(isinstance(s, (str, bytes)) for s in names):
+        raise DataFormatError(f"{path}: expected '{key}' to be a list of {n} class names, got {type(names).__name__}"
+                              + (f" of length {len(names)}" if isinstance(names, (list, tuple)) else ""))
+    return [s.decode("latin1") if isinstance(s, bytes) else s for s in names]
