@@ -4,6 +4,7 @@ far, and verify that earlier tasks' logits did not move (DESIGN §2.1)."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import time
 from contextlib import nullcontext
@@ -15,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from . import metrics
+from .data.augment import random_crop_flip
 from .data.types import Benchmark, TaskData
 from .errors import CheckpointError, ConfigError, DivergenceError, ForgettingError
 from .methods.base import Method
@@ -69,8 +71,15 @@ def make_optimizer(params: Sequence[nn.Parameter], config: TrainConfig) -> torch
 
 
 def as_float(x: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels 0..255 → float32 in [0, 1]; float input is returned unchanged."""
+    """uint8 pixels 0..255 → float32 in [0, 1]; float input is returned unchanged. The input
+    pipeline of a task without normalization (``TaskData.prepare`` with ``normalize=None``)."""
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x
+
+
+def _seeded_generator(*key) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded from ``key`` (stable across processes and platforms)."""
+    digest = hashlib.sha256(repr(key).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
 def training_step(net: ContinualNetwork, method: Method, optimizer: torch.optim.Optimizer,
@@ -86,21 +95,28 @@ def training_step(net: ContinualNetwork, method: Method, optimizer: torch.optim.
 
 
 @torch.no_grad()
-def predict(net: ContinualNetwork, x: torch.Tensor, task: int, batch_size: int, device: str) -> torch.Tensor:
-    """Logits of task ``task`` for every row of ``x``, in eval mode; shape ``(N, num_classes)``."""
+def predict(net: ContinualNetwork, x: torch.Tensor, task: int, batch_size: int, device: str,
+            prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Logits of task ``task`` for every row of ``x``, in eval mode; shape ``(N, num_classes)``.
+
+    ``prepare`` turns a stored batch (on ``device``) into the network's input: pass the task's
+    ``TaskData.prepare`` so that its normalization is applied; ``None`` is :func:`as_float`
+    (pixels scaled to [0, 1], nothing else), right for tasks without normalization only."""
+    prepare = prepare or as_float
     was_training = net.training
     net.eval()
-    out = [net(as_float(x[i:i + batch_size].to(device)), task) for i in range(0, len(x), batch_size)]
+    out = [net(prepare(x[i:i + batch_size].to(device)), task) for i in range(0, len(x), batch_size)]
     net.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
 
 
 def accuracy(net: ContinualNetwork, x: torch.Tensor, y: torch.Tensor, task: int,
-             batch_size: int, device: str) -> float:
-    """Fraction of ``x`` classified as ``y`` by task ``task``'s head (eval mode)."""
+             batch_size: int, device: str, prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+    """Fraction of ``x`` classified as ``y`` by task ``task``'s head (eval mode); ``prepare`` as
+    in :func:`predict` (pass the task's ``TaskData.prepare``)."""
     if len(x) == 0:
         raise ConfigError(f"cannot measure accuracy of task {task} on an empty set")
-    return float((predict(net, x, task, batch_size, device).argmax(1).cpu() == y).float().mean())
+    return float((predict(net, x, task, batch_size, device, prepare).argmax(1).cpu() == y).float().mean())
 
 
 @dataclass
@@ -112,7 +128,13 @@ class EpochStats:
 class TaskSession:
     """What the trainer lends a method while it learns task ``t``: training epochs over the
     task's data (or several tasks' data), accuracy measurements, and snapshot/rollback of the
-    network and optimizer state."""
+    network and optimizer state.
+
+    Batches go through each task's input pipeline: random crop + flip for the shuffled training
+    batches of a task with ``augment`` (drawn from ``aug_generator``, seeded from
+    ``(config.seed, t)`` and separate from the shuffling ``generator``, so turning augmentation on
+    or off does not change the sample order), then the task's ``prepare`` (scaling and
+    normalization)."""
 
     def __init__(self, net: ContinualNetwork, method: Method, t: int, seen: list[TaskData],
                  config: TrainConfig, progress: Progress | None):
@@ -120,23 +142,59 @@ class TaskSession:
         self.task = seen[t]
         self.optimizer = make_optimizer(list(method.parameters(net, t)), config)
         self.generator = torch.Generator().manual_seed(config.seed * 1_000_003 + t)
+        self.aug_generator = _seeded_generator("augment", int(config.seed), int(t))
         self.epochs_trained = 0
         self._progress = progress
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def batches(self, tasks: Sequence[TaskData] | None = None, split: str = "train",
-                shuffle: bool = True, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+                shuffle: bool = True, batch_size: int | None = None,
+                augment: bool | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Mini-batches ``(x, y, task_ids)`` on the device over ``split`` of ``tasks`` (default:
-        the current task), shuffled with the session's seeded generator."""
-        x, y, ids = self._data(tuple(tasks or [self.task]), split)
+        the current task), shuffled with the session's seeded generator, each row prepared by its
+        own task's ``prepare``.
+
+        ``augment``: whether the rows of tasks with ``augment=True`` get random crop + flip.
+        ``None`` (default) means "when ``split`` is ``'train'`` and ``shuffle`` is on": training
+        passes are augmented, unshuffled measurement passes (activation or saliency statistics)
+        and the val/test splits never are. ``True`` still only affects tasks with ``augment``.
+        """
+        tasks = tuple(tasks or [self.task])
+        x, y, ids = self._data(tasks, split)
         if len(x) == 0:
             raise ConfigError(f"task {self.t} ('{self.task.name}') has no {split} samples")
+        if augment is None:
+            augment = split == "train" and shuffle
         n, bs = len(x), batch_size or self.config.batch_size
         order = torch.randperm(n, generator=self.generator) if shuffle else torch.arange(n)
         dev = self.config.device
         for i in range(0, n, bs):
             idx = order[i:i + bs]
-            yield as_float(x[idx].to(dev)), y[idx].to(dev), ids[idx].to(dev)
+            bids = ids[idx].to(dev)
+            yield self._prepare(tasks, x[idx].to(dev), bids, augment), y[idx].to(dev), bids
+
+    def _prepare(self, tasks: tuple[TaskData, ...], x: torch.Tensor, ids: torch.Tensor,
+                 augment: bool) -> torch.Tensor:
+        """The network input of the stored batch ``x`` whose row ``r`` belongs to task ``ids[r]``:
+        each task's rows augmented (if asked and the task has ``augment``) and prepared by it."""
+        first = tasks[0]
+        if all(t.normalize == first.normalize and t.augment == first.augment for t in tasks[1:]):
+            if augment and first.augment:  # one pipeline for every row (always so for one task)
+                x = random_crop_flip(x, self.aug_generator)
+            return first.prepare(x)
+        out = None
+        for task in tasks:
+            rows = (ids == task.task_id).nonzero().flatten()
+            if len(rows) == 0:
+                continue
+            part = x[rows]
+            if augment and task.augment:
+                part = random_crop_flip(part, self.aug_generator)
+            part = task.prepare(part)
+            if out is None:
+                out = torch.empty((len(x),) + tuple(part.shape[1:]), dtype=part.dtype, device=part.device)
+            out[rows] = part.to(out.dtype)
+        return out
 
     def _data(self, tasks: tuple[TaskData, ...], split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(x, y, task_ids)`` of ``split`` over ``tasks``, concatenated once per session."""
@@ -189,7 +247,7 @@ class TaskSession:
         the split's first ``max_samples`` samples (default: all)."""
         x, y = getattr(self.task, f"{split}_x"), getattr(self.task, f"{split}_y")
         return accuracy(self.net, x[:max_samples], y[:max_samples], self.t,
-                        self.config.eval_batch_size, self.config.device)
+                        self.config.eval_batch_size, self.config.device, self.task.prepare)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -399,11 +457,12 @@ class Trainer:
         cfg, method = self.config, self.method
         net.eval()
         probe_x = benchmark.tasks[t].test_x[: cfg.probe_size]
-        state.probes.append((probe_x, predict(net, probe_x, t, cfg.eval_batch_size, cfg.device).cpu()))
-        state.rows.append([accuracy(net, prev.test_x, prev.test_y, i, cfg.eval_batch_size, cfg.device)
+        state.probes.append((probe_x, predict(net, probe_x, t, cfg.eval_batch_size, cfg.device,
+                                              benchmark.tasks[t].prepare).cpu()))
+        state.rows.append([accuracy(net, prev.test_x, prev.test_y, i, cfg.eval_batch_size, cfg.device, prev.prepare)
                            for i, prev in enumerate(benchmark.tasks[: t + 1])])
         for i, (px, logits) in enumerate(state.probes[:-1]):
-            now = predict(net, px, i, cfg.eval_batch_size, cfg.device).cpu()
+            now = predict(net, px, i, cfg.eval_batch_size, cfg.device, benchmark.tasks[i].prepare).cpu()
             change = float((now - logits).abs().max())
             state.max_change = max(state.max_change, change if math.isfinite(change) else math.inf)
             if method.isolates and not torch.equal(now, logits):
