@@ -94,12 +94,17 @@ class ReshapeBetween(nn.Module):
         return self.out(self.a(x).view(-1, 4))
 
 
+def test_residual_add_couples_the_units_of_both_branches():
+    _, g, _ = trace(Residual())
+    assert g.groups["a"].layers == ("a", "b") and g.layers["b"].source == "a"
+    assert g.head_source == "a"
+
+
 @pytest.mark.parametrize("model, fragments", [
-    (Residual(), ["node 'add'", "not supported"]),
     (Shared(), ["module 'a'", "more than once"]),
     (Softmaxed(), ["final nn.Linear", "log_softmax"]),
-    (ReshapeBetween(), ["node 'a'", "reshaped"]),
-    (nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)), ["BatchNorm1d", "not supported"]),
+    (ReshapeBetween(), ["node 'view'", "reshapes the units of Linear 'a'"]),
+    (nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2)), ["LayerNorm", "not supported"]),
     (nn.Sequential(nn.Linear(4, 4), nn.Softmax(dim=1), nn.Linear(4, 2)), ["Softmax", "not supported"]),
 ])
 def test_unsupported_models_are_refused_with_the_node_named(model, fragments):

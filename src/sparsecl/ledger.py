@@ -73,4 +73,5 @@ class CapacityLedger:
             raise CapacityError(
                 f"layer '{layer}' has no free units left for task {task}: all {n} units are owned "
                 f"by earlier tasks (usage {self.usage(layer):.0%}); make the layer wider, prune harder, "
-                f"or let the method widen it (--widen N)")
+                f"let the method widen it (--widen N, Linear layers), or let the task reuse the layer's frozen "
+                f"units (--reuse-full)")

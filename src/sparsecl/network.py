@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import ConfigError
-from .graph import trace
+from .graph import UnitGraph, trace
 from .widen import WidenedLinear, block_linear
 
 
@@ -31,6 +31,12 @@ def _blocked(linear: nn.Linear, blocks: dict) -> WidenedLinear:
     rows, cols = blocks["row_ends"], blocks["col_ends"]
     return WidenedLinear(cols[-1], rows[-1], linear.bias is not None, rows, cols,
                          device=linear.weight.device, dtype=linear.weight.dtype)
+
+
+def _with_layers(graph: UnitGraph, layers: dict, head_in_features: int) -> UnitGraph:
+    """``graph`` with its layers' modules replaced (widened): group sizes follow the modules."""
+    groups = {name: replace(g, num_units=layers[g.layers[0]].num_units) for name, g in graph.groups.items()}
+    return replace(graph, layers=layers, groups=groups, head_in_features=head_in_features)
 
 
 class ContinualNetwork(nn.Module):
@@ -137,7 +143,7 @@ class ContinualNetwork(nn.Module):
         if set(layers) != set(structure["layers"]):
             raise ConfigError(f"the model's unit layers {sorted(layers)} differ from the saved "
                               f"network's {sorted(structure['layers'])}")
-        net.graph = replace(net.graph, layers=layers, head_in_features=int(structure["head_in_features"]))
+        net.graph = _with_layers(net.graph, layers, int(structure["head_in_features"]))
         if net.single_head:
             net.head_col_ends = list(structure["head_col_ends"])
             net.head_weight = nn.Parameter(net.head_weight.new_zeros(net.head_weight.shape[0], net.head_features))
@@ -175,11 +181,20 @@ class ContinualNetwork(nn.Module):
         ``widen.WidenedLinear``). The new units' rows get a default initialization.
 
         Raises:
-            ConfigError: ``layer`` is not a unit layer or ``units < 1``.
+            ConfigError: ``layer`` is not a unit layer, ``units < 1``, or the layer is not a
+                plain Linear read by Linears only (convolutions, BatchNorm, residual coupling and
+                flattened reads are not widened).
         """
         if layer not in self.graph.layers or units < 1:
             raise ConfigError(f"cannot widen layer '{layer}' by {units} units: the unit layers are "
                               f"{', '.join(self.graph.layers)} and at least one unit is needed")
+        group, readers = self.graph.groups[layer], self.graph.readers(layer)
+        if (not isinstance(self.graph.layers[layer].module, nn.Linear) or len(group.layers) > 1 or group.norms
+                or any(self.graph.layers[r].fan > 1 or not isinstance(self.graph.layers[r].module, nn.Linear)
+                       for r in readers)
+                or (layer == self.graph.head_source and self.graph.head_fan > 1)):
+            raise ConfigError(f"cannot widen layer '{layer}': widening supports a Linear layer of its own "
+                              "(no BatchNorm, no residual coupling) read by Linear layers only")
         layers = dict(self.graph.layers)
         for name, grow in [(layer, dict(rows=units))] + [(r, dict(cols=units)) for r in self.graph.readers(layer)]:
             module = WidenedLinear.grow(layers[name].module, **grow)
@@ -197,7 +212,7 @@ class ContinualNetwork(nn.Module):
             else:
                 for i, head in enumerate(self.heads):
                     self.heads[i] = WidenedLinear.grow(head, cols=units)
-        self.graph = replace(self.graph, layers=layers, head_in_features=head_in)
+        self.graph = _with_layers(self.graph, layers, head_in)
 
     def check_task_id(self, task: int) -> None:
         """Raises ``ConfigError`` unless ``task`` has a head."""

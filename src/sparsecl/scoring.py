@@ -1,7 +1,9 @@
 """Unit importance scores for structured pruning. Higher means more important.
 
-Each function returns ``{layer name: float32 tensor of shape (num_units,)}`` for the unit layers
-of a ``ContinualNetwork``; callers restrict the choice to the units they may prune.
+Each function returns ``{unit group name: float32 tensor of shape (num_units,)}`` for the unit
+groups of a ``ContinualNetwork`` (a group is one layer unless a residual add couples several;
+a coupled unit's score sums its layers' scores); callers restrict the choice to the units they
+may prune. A convolutional unit is an output channel.
 """
 
 from __future__ import annotations
@@ -13,18 +15,25 @@ import torch
 SCORES = ("l1", "l2", "taylor")  # EideticNets' choices
 
 
+def _zeros(net) -> dict[str, torch.Tensor]:
+    return {name: torch.zeros(g.num_units, dtype=torch.float64) for name, g in net.graph.groups.items()}
+
+
 def weight_norm_scores(net, p: int) -> dict[str, torch.Tensor]:
-    """L1 (``p=1``) or L2 (``p=2``) norm of each unit's incoming weights (its row; bias excluded,
-    as in the EideticNets reference implementation)."""
-    return {name: layer.module.weight.detach().norm(p=p, dim=1).float().cpu()
-            for name, layer in net.graph.layers.items()}
+    """L1 (``p=1``) or L2 (``p=2``) norm of each unit's incoming weights (its row, or a channel's
+    whole filter; bias excluded, as in the EideticNets reference implementation)."""
+    scores = _zeros(net)
+    for layer in net.graph.layers.values():
+        scores[layer.group] += layer.module.weight.detach().flatten(1).norm(p=p, dim=1).double().cpu()
+    return {name: s.float() for name, s in scores.items()}
 
 
 def taylor_scores(net, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
                   loss_fn: Callable) -> dict[str, torch.Tensor]:
     """First-order Taylor importance (Molchanov et al., ICLR 2017, Eq. 8): the mean over samples
-    of |z · ∂C/∂z| for each unit's pre-activation output z (the Linear layer's output), i.e. the
-    estimated change of the loss C if the unit were removed.
+    of |z · ∂C/∂z| for each unit's pre-activation output z (the layer's output; for a channel,
+    z · ∂C/∂z averaged over its spatial positions before the absolute value, the paper's Eq. 8),
+    i.e. the estimated change of the loss C if the unit were removed.
 
     ``batches`` yields ``(x, y, task_ids)``; ``loss_fn(x, y, task_ids) -> (mean loss, _)``. The
     network is put in eval mode (no dropout) while scoring and its parameter gradients are
@@ -38,8 +47,7 @@ def taylor_scores(net, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch
             output.retain_grad()
             outputs[name] = output
         hooks.append(layer.module.register_forward_hook(keep))
-    sums = {name: torch.zeros(layer.num_units, dtype=torch.float64)
-            for name, layer in net.graph.layers.items()}
+    sums = _zeros(net)
     count = 0
     was_training = net.training
     net.eval()
@@ -49,7 +57,10 @@ def taylor_scores(net, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch
             loss, _ = loss_fn(x, y, tasks)
             loss.backward()
             for name, z in outputs.items():
-                sums[name] += (z.detach() * z.grad * len(x)).abs().sum(0).double().cpu()
+                prod = z.detach() * z.grad * len(x)
+                if prod.dim() > 2:
+                    prod = prod.flatten(2).mean(2)
+                sums[net.graph.layers[name].group] += prod.abs().sum(0).double().cpu()
             count += len(x)
     finally:
         for h in hooks:
@@ -59,34 +70,44 @@ def taylor_scores(net, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch
     return {name: (s / max(count, 1)).float() for name, s in sums.items()}
 
 
+def _per_unit(a: torch.Tensor, fan: int) -> torch.Tensor:
+    """Mean |activation| per unit and sample, ``(N, units)``, of activations ``a``: features
+    ``(N, units·fan)`` or feature maps ``(N, units, H, W)``."""
+    a = a.abs()
+    if a.dim() > 2:
+        return a.flatten(2).mean(2)
+    return a.view(len(a), -1, fan).mean(2) if fan > 1 else a
+
+
 @torch.no_grad()
 def activation_scores(net, batches: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
     """Mean absolute activation of each unit over the samples of ``batches`` (CLNP, paper 000
-    Sec. 2.2 and Alg. 1: E_S(|N_l|)), in eval mode.
+    Sec. 2.2 and Alg. 1: E_S(|N_l|)), in eval mode; a channel's activation is averaged over its
+    spatial positions.
 
     A unit's activation is what the layers after it read: the input of the unit layer that
-    consumes it (after the activation function and any dropout), or the body's output for the
-    final hidden layer. ``batches`` yields float input batches ``(N, ...)``.
+    consumes it (after the activation function, BatchNorm, pooling and any dropout), or the
+    body's output for the final hidden layer. ``batches`` yields float input batches ``(N, ...)``.
     """
-    readers = {}  # source layer → the module whose input carries its activations
+    readers = {}  # source group → the first layer reading it, whose input carries its activations
     for layer in net.graph.layers.values():
         if layer.source is not None:
-            readers.setdefault(layer.source, layer.module)
-    sums = {name: torch.zeros(layer.num_units, dtype=torch.float64)
-            for name, layer in net.graph.layers.items()}
+            readers.setdefault(layer.source, layer)
+    sums = _zeros(net)
     hooks = []
-    for name, module in readers.items():
-        def keep(module, inputs, name=name):
-            sums[name] += inputs[0].abs().sum(0).double().cpu()
-        hooks.append(module.register_forward_pre_hook(keep))
+    for name, layer in readers.items():
+        def keep(module, inputs, name=name, fan=layer.fan):
+            sums[name] += _per_unit(inputs[0], fan).sum(0).double().cpu()
+        hooks.append(layer.module.register_forward_pre_hook(keep))
     count = 0
     was_training = net.training
     net.eval()
     try:
         for x in batches:
             h = net.features(x)
-            if net.graph.head_source is not None:
-                sums[net.graph.head_source] += h.abs().sum(0).double().cpu()
+            source = net.graph.head_source
+            if source is not None and source not in readers:
+                sums[source] += _per_unit(h, net.graph.head_fan).sum(0).double().cpu()
             count += len(x)
     finally:
         for h in hooks:

@@ -63,6 +63,10 @@ class CLNPConfig:
     forward_transfer: bool = _opt("new units may read units of earlier tasks", default=True)
     widen: int = _opt("units added to a layer that has no free unit when a task starts "
                       "(0: stop with an error instead)", default=0)
+    reuse_full: bool = _opt("a layer (unit group) with no free unit when a task starts is only "
+                            "reused, frozen, by the new task instead of stopping with an error "
+                            "(needs forward transfer; never the single head's final hidden layer)",
+                            default=False)
 
     def __post_init__(self) -> None:
         self.alpha_grid = tuple(_floats(point, "alpha") for point in self.alpha.split(";"))
@@ -102,10 +106,11 @@ class CLNP(NeuronIsolation):
 
     def __init__(self, config: CLNPConfig | None = None):
         self.config = config or CLNPConfig()
-        super().__init__(forward_transfer=self.config.forward_transfer, widen=self.config.widen)
+        super().__init__(forward_transfer=self.config.forward_transfer, widen=self.config.widen,
+                         reuse_full=self.config.reuse_full)
         self.log: list[dict] = []
         self._alpha: tuple[float, ...] = ()
-        self._penalty: list[tuple[torch.Tensor, float, int, torch.Tensor | None]] = []
+        self._penalty: list[tuple[torch.Tensor, float, tuple[int, ...], torch.Tensor | None]] = []
         self._runs: list[dict] = []
 
     # ---- hooks -------------------------------------------------------------------------------
@@ -126,8 +131,9 @@ class CLNP(NeuronIsolation):
 
     def loss(self, net, x, y, tasks):
         loss, correct = net.task_loss(x, y, tasks)
-        for weight, alpha, dim, keep in self._penalty:
-            norms = weight.abs().sum(dim)  # L1 norm per unit (row) or, for a single head, per column
+        for weight, alpha, dims, keep in self._penalty:
+            # L1 norm per unit (row, filter; a BatchNorm scale is one number) or, for a single head, per column
+            norms = weight.abs().sum(dims) if dims else weight.abs()
             loss = loss + alpha * (norms.sum() if keep is None else (norms * keep).sum())
         return loss, correct
 
@@ -274,20 +280,28 @@ class CLNP(NeuronIsolation):
 
     def _refresh_penalty(self, net, t: int | None = None) -> None:
         """The L1 terms of the weights task t trains: its rows in each unit layer (free, not
-        pruned), its own head, or a single head's columns of free units."""
+        pruned), its own head, or a single head's columns of free units. A unit normalized by
+        BatchNorm would not shrink with its filter (BatchNorm rescales it), so its BatchNorm scale
+        γ takes the L1 term too, with the α of the group's first layer (as network slimming,
+        Liu et al. 2017, does for channel pruning)."""
         if not self._alpha or self.ledger is None or not self.pruned:
             self._penalty = []
             return
         t = net.num_tasks - 1 if t is None else t
         terms = []
-        for (name, layer), alpha in zip(net.graph.layers.items(), self._alpha):
-            rows = (self.ledger.free(name) & ~self.pruned[name]).to(layer.module.weight.device)
-            terms.append((layer.module.weight, alpha, 1, None if rows.all() else rows.float()))
+        for layer, alpha in zip(net.graph.layers.values(), self._alpha):
+            w = layer.module.weight
+            rows = (self.ledger.free(layer.group) & ~self.pruned[layer.group]).to(w.device)
+            terms.append((w, alpha, tuple(range(1, w.dim())), None if rows.all() else rows.float()))
+            if layer.name == layer.group:  # a group's first layer
+                for norm in net.graph.groups[layer.group].norms:
+                    gamma = net.body.get_submodule(norm).weight
+                    terms.append((gamma, alpha, (), None if rows.all() else rows.to(gamma.device).float()))
         alpha = self._alpha[-1]
         if net.single_head:
             source = net.graph.head_source
-            cols = (self.ledger.free(source) & ~self.pruned[source]).to(net.head_weight.device)
-            terms.append((net.head_weight, alpha, 0, None if cols.all() else cols.float()))
+            cols = net.graph.head_columns(self.ledger.free(source) & ~self.pruned[source]).to(net.head_weight.device)
+            terms.append((net.head_weight, alpha, (0,), None if cols.all() else cols.float()))
         else:
-            terms.append((net.heads[t].weight, alpha, 1, None))
+            terms.append((net.heads[t].weight, alpha, (1,), None))
         self._penalty = [term for term in terms if term[1] > 0]

@@ -41,6 +41,10 @@ class EideticConfig:
     forward_transfer: bool = _opt("new units may read units of earlier tasks", default=True)
     widen: int = _opt("units added to a layer that has no free unit when a task starts "
                       "(0: stop with an error instead)", default=0)
+    reuse_full: bool = _opt("a layer (unit group) with no free unit when a task starts is only "
+                            "reused, frozen, by the new task instead of stopping with an error "
+                            "(needs forward transfer; never the single head's final hidden layer)",
+                            default=False)
     pruning_lr_factor: float = _opt("learning-rate factor applied before pruning starts", default=0.5)
     score_batches: int | None = _opt("taylor: training batches the scores are accumulated over "
                                      "(default: the whole training set)", default=None)
@@ -86,7 +90,8 @@ class EideticNets(NeuronIsolation):
 
     def __init__(self, config: EideticConfig | None = None):
         self.config = config or EideticConfig()
-        super().__init__(forward_transfer=self.config.forward_transfer, widen=self.config.widen)
+        super().__init__(forward_transfer=self.config.forward_transfer, widen=self.config.widen,
+                         reuse_full=self.config.reuse_full)
         self.log: list[dict] = []  # one entry per task: pruning steps taken, accuracies
 
     def train_task(self, session) -> None:
