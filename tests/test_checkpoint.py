@@ -156,8 +156,8 @@ def test_truncated_or_flipped_checkpoints_are_refused(finished_run, tmp_path):
 def test_checkpoint_of_another_model_names_the_tensor(finished_run, tmp_path):
     ckpt = load_checkpoint(finished_run)
     spec = RunSpec(**ckpt.manifest["spec"])
-    wrong = dataclasses.replace(spec, model=dict(spec.model, hidden=[32, 32]))
-    with pytest.raises(CheckpointError, match=r"does not fit the model \(--hidden 32,32\).*size mismatch"):
+    wrong = dataclasses.replace(spec, model=dict(spec.model, options=dict(spec.model["options"], hidden=[32, 32])))
+    with pytest.raises(CheckpointError, match=r"does not fit the model \(--model mlp \(hidden=32,32 .*size mismatch"):
         restore(ckpt, wrong)
     other = save_checkpoint(tmp_path / "other.safetensors", {"spec": ckpt.manifest["spec"]}, {})
     with pytest.raises(CheckpointError, match="its manifest lacks input_shape, structure, method, run"):

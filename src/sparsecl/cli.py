@@ -21,6 +21,7 @@ from .data.benchmarks import BENCHMARKS
 from .export import export_task
 from .errors import ConfigError, SparseCLError
 from .methods import METHODS
+from .models import MODELS
 from .runs import CheckpointWriter, RunSpec, build_method, build_network, build_stream, restore, spec_of
 from .trainer import OPTIMIZERS, RunResult, Trainer, accuracy, check_task
 
@@ -56,7 +57,7 @@ def main() -> None:
 
 
 # The model options: --from keeps the saved model's and refuses new values.
-_MODEL_OPTIONS = ("hidden", "dropout", "single_head")
+_MODEL_OPTIONS = ("model", "hidden", "width", "dropout", "single_head")
 
 
 @main.command()
@@ -66,21 +67,27 @@ _MODEL_OPTIONS = ("hidden", "dropout", "single_head")
 @click.option("--epochs", type=int, default=20, show_default=True, help="training epochs per task (EideticNets: the cap before pruning)")
 @click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="folder holding MNIST/raw, FashionMNIST/raw (default: env SPARSECL_DATA)")
-@click.option("--download", is_flag=True, default=None, help="download missing MNIST/Fashion-MNIST files (MD5-checked)")
+@click.option("--download", is_flag=True, default=None, help="download missing data files (MD5-checked)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam", show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--momentum", type=float, default=0.0, show_default=True, help="SGD momentum")
 @click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--hidden", default="400,400", show_default=True, help="MLP hidden widths, comma-separated")
-@click.option("--dropout", type=float, default=0.0, show_default=True)
+@click.option("--model", type=click.Choice(list(MODELS)), default="mlp", show_default=True,
+              help="the network (see sparsecl.models for each one's source)")
+@click.option("--hidden", default="400,400", show_default=True, help="--model mlp: hidden widths, comma-separated")
+@click.option("--width", type=int, default=None, help="convolutional models: base width (default: the paper's)")
+@click.option("--dropout", type=float, default=None, help="dropout rate of models that have one (mlp: default 0)")
 @click.option("--single-head", is_flag=True, default=False,
               help="one output layer shared by all tasks, each task reading its own final-hidden units")
 @click.option("--permute-first", is_flag=True, default=None, help="permuted-mnist: permute task 0 too")
 @click.option("--val-fraction", type=float, default=None, help="share of each task's training set held out for validation (default 0.1)")
 @click.option("--max-train-per-task", type=int, default=None, help="seeded subset of each task's training set")
 @click.option("--max-test-per-task", type=int, default=None, help="seeded subset of each task's test set")
+@click.option("--classes-per-task", type=int, default=None, help="split-cifar100: classes per task (10: 10 tasks, 5: 20 tasks) [default: 10]")
+@click.option("--augment/--no-augment", default=None, help="CIFAR benchmarks: random crop (4-pixel padding) and flip of training batches [default: on]")
+@click.option("--normalize/--no-normalize", default=None, help="CIFAR benchmarks: per-channel normalization [default: on]")
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="folder for metrics.json and the checkpoint written after every task")
@@ -120,14 +127,15 @@ def run(data_root, download, device, out, resume, from_checkpoint, progress, **o
             if state.tasks_done >= bench.num_tasks:
                 click.echo(f"the run in {ckpt.path.parent} has finished all {bench.num_tasks} tasks")
         writer = None if out is None else CheckpointWriter(Path(out) / CHECKPOINT_NAME, spec, method_obj,
-                                                           bench.input_shape, bench.num_tasks, device)
+                                                           bench.input_shape, bench.num_tasks, device,
+                                                           [t.normalize for t in bench.tasks])
         result = Trainer(method_obj, spec.train_config(device, progress)).fit(net, bench, state, writer)
     except SparseCLError as exc:
         raise click.ClickException(str(exc)) from exc
     result_dict = result.to_dict()
     result_dict["config"].update(
-        method=spec.method, benchmark=bench.name, hidden=list(spec.model["hidden"]),
-        dropout=spec.model["dropout"], single_head=spec.model["single_head"], stream=spec.stream,
+        method=spec.method, benchmark=bench.name, model=spec.model["name"], **spec.model["options"],
+        single_head=spec.model["single_head"], stream=spec.stream,
         method_options=dataclasses.asdict(method_obj.config) if hasattr(method_obj, "config") else {})
     if hasattr(method_obj, "log"):
         result_dict["method_log"] = method_obj.log
@@ -145,11 +153,13 @@ def _spec(options: dict, given: set[str], resume: Path | None, from_checkpoint: 
     segment = {"benchmark": options["benchmark"], "seed": options["seed"], "options": {
         k: v for k, v in dict(num_tasks=options["num_tasks"], permute_first=options["permute_first"],
                               val_fraction=options["val_fraction"], max_train_per_task=options["max_train_per_task"],
-                              max_test_per_task=options["max_test_per_task"]).items() if v is not None}}
+                              max_test_per_task=options["max_test_per_task"], augment=options["augment"],
+                              classes_per_task=options["classes_per_task"],
+                              normalize=options["normalize"]).items() if v is not None}}
     train = {k: options[k] for k in ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "momentum", "seed")}
     method_options = {k: v for k, v in options.items() if k in _METHOD_FIELDS and v is not None}
     if from_checkpoint is None:
-        model = {"hidden": list(_widths(options["hidden"])), "dropout": options["dropout"],
+        model = {"name": options["model"], "options": _model_options(options, given),
                  "single_head": options["single_head"]}
         return RunSpec([segment], model, options["method"], method_options, train), None
     ckpt = load_checkpoint(from_checkpoint)
@@ -161,14 +171,26 @@ def _spec(options: dict, given: set[str], resume: Path | None, from_checkpoint: 
     clash = sorted(k for k in _MODEL_OPTIONS if k in given)
     if clash:
         flags = _flags(click.get_current_context(), clash)
-        raise ConfigError(f"--from keeps the saved model (hidden {saved.model['hidden']}, dropout "
-                          f"{saved.model['dropout']}, single head {saved.model['single_head']}); drop {flags}")
+        raise ConfigError(f"--from keeps the saved model ({saved.model_description()}, single head "
+                          f"{saved.model['single_head']}); drop {flags}")
     method = options["method"] if "method" in given else saved.method
     if method != saved.method:
         raise ConfigError(f"checkpoint {ckpt.path} was trained with --method {saved.method}; "
                           f"--method {method} cannot continue it")
     return RunSpec(saved.stream + [segment], saved.model, method,
                    {**saved.method_options, **method_options}, train), ckpt
+
+
+def _model_options(options: dict, given: set[str]) -> dict:
+    """The options of ``--model``: the MLP's widths and dropout, or a conv model's given ones."""
+    name = options["model"]
+    if name == "mlp":
+        if "width" in given:
+            raise ConfigError("--width sets a convolutional model's base width; the MLP takes --hidden")
+        return {"hidden": list(_widths(options["hidden"])), "dropout": options["dropout"] or 0.0}
+    if "hidden" in given:
+        raise ConfigError(f"--hidden sets the MLP's widths; --model {name} takes --width")
+    return {k: options[k] for k in ("width", "dropout") if options[k] is not None}
 
 
 @main.command("eval")
@@ -218,7 +240,7 @@ def evaluate(checkpoint, benchmark, num_tasks, seed, permute_first, max_test_per
         for i, task in enumerate(bench.tasks[: net.num_tasks]):
             check_task(task, i, head_classes=net.head_classes[i])
             rows.append({"task": i, "name": task.name, "samples": len(task.test_y),
-                         "accuracy": accuracy(net, task.test_x, task.test_y, i, 1024, device)})
+                         "accuracy": accuracy(net, task.test_x, task.test_y, i, 1024, device, task.prepare)})
     except SparseCLError as exc:
         raise click.ClickException(str(exc)) from exc
     table = Table(title=f"{ckpt.path}: test accuracy per task on {bench.name}")
@@ -242,7 +264,8 @@ def evaluate(checkpoint, benchmark, num_tasks, seed, permute_first, max_test_per
 def export(checkpoint, task, out) -> None:
     """Write task TASK's subnetwork, only the units it uses, as a standalone model that plain
     PyTorch loads: ``torch.export.load(OUT).module()(x)`` gives the task's logits for float32
-    inputs ``x`` scaled as in training (image pixels divided by 255)."""
+    inputs ``x`` with image pixels divided by 255 (a benchmark's per-channel normalization, if
+    any, is part of the exported model)."""
     try:
         _check_parent(out, "--out")
         ckpt = load_checkpoint(checkpoint)
@@ -250,7 +273,8 @@ def export(checkpoint, task, out) -> None:
         net.eval()
         if not 0 <= task < net.num_tasks:
             raise ConfigError(f"--task {task} is out of range: {ckpt.path} has tasks 0..{net.num_tasks - 1}")
-        small = export_task(net, task, tuple(ckpt.manifest["input_shape"]), out)
+        normalize = (ckpt.manifest.get("normalize") or [None] * net.num_tasks)[task]
+        small = export_task(net, task, tuple(ckpt.manifest["input_shape"]), out, normalize)
     except SparseCLError as exc:
         raise click.ClickException(str(exc)) from exc
     full = sum(p.numel() for p in net.body.parameters()) + sum(p.numel() for p in net.head_parameters(task))

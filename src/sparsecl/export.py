@@ -1,7 +1,7 @@
 """Export one task's subnetwork as a standalone, physically smaller model.
 
-Task t needs a unit when a path of nonzero weights leads from it to task t's logits: its own
-units and the earlier tasks' units they read. Everything else (later tasks' units, free and
+Task t needs a unit (a neuron or a channel) when a path of nonzero weights leads from it to task
+t's logits: its own units and the earlier tasks' units they read. Everything else (later tasks' units, free and
 pruned units, and with a single head the other tasks' final-hidden units) reaches task t only
 through exact zeros, so dropping it changes nothing but the order of the sums (the exported
 logits match the full model's to float rounding). The rule reads only the weights, so it holds
@@ -25,55 +25,102 @@ from .network import ContinualNetwork
 
 
 class TaskModel(nn.Module):
-    """Task t's subnetwork: the pruned body then its head; ``forward(x) -> (N, C_t)`` logits."""
+    """Task t's subnetwork: the task's per-channel input normalization (if any), the pruned body,
+    then its head; ``forward(x) -> (N, C_t)`` logits."""
 
-    def __init__(self, body: nn.Module, head: nn.Linear):
+    def __init__(self, body: nn.Module, head: nn.Linear, normalize=None):
         super().__init__()
         self.body, self.head = body, head
+        self.normalize = normalize is not None
+        if self.normalize:
+            shape = (1, -1, 1, 1)
+            self.register_buffer("mean", torch.tensor(normalize[0], dtype=torch.float32).view(shape))
+            self.register_buffer("std", torch.tensor(normalize[1], dtype=torch.float32).view(shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.normalize:
+            x = (x - self.mean) / self.std
         return self.head(self.body(x))
 
 
 @torch.no_grad()
 def needed_units(net: ContinualNetwork, task: int) -> dict[str, torch.Tensor]:
-    """Per unit layer, a bool mask ``(num_units,)`` of the units task ``task``'s logits depend
+    """Per unit group, a bool mask ``(num_units,)`` of the units task ``task``'s logits depend
     on through nonzero weights (computed from the head backwards)."""
     net.check_task_id(task)
     graph = net.graph
-    needed: dict[str, torch.Tensor] = {}
+    needed = {name: torch.zeros(g.num_units, dtype=torch.bool) for name, g in graph.groups.items()}
     if graph.head_source is not None:
         w = net.head_weight if net.single_head else net.heads[task].weight
         cols = (w != 0).any(0).cpu()
         if net.single_head:
             cols &= net.heads[task].mask.cpu()
-        needed[graph.head_source] = cols
-    for name in reversed(list(graph.layers)):  # layers are in topological order
-        mask = needed.get(name, torch.zeros(graph.layers[name].num_units, dtype=torch.bool))
-        needed[name] = mask
-        source, w = graph.layers[name].source, graph.layers[name].module.weight
-        if source is not None:
-            reads = (w[mask.to(w.device)] != 0).any(0).cpu()
-            needed[source] = needed.get(source, torch.zeros_like(reads)) | reads
+        needed[graph.head_source] = _units_of(cols, graph.head_fan)
+    # A group coupled by residual adds spans several depths, so one backward sweep can reach a
+    # member before all of the group's readers: sweep until nothing changes (masks only grow).
+    changed = True
+    while changed:
+        changed = False
+        for layer in reversed(list(graph.layers.values())):  # layers are in topological order
+            if layer.source is None:
+                continue
+            w = layer.module.weight
+            rows = needed[layer.group].to(w.device)
+            reads = _units_of((w[rows] != 0).transpose(0, 1).flatten(1).any(1).cpu(), layer.fan)
+            grown = needed[layer.source] | reads
+            if not torch.equal(grown, needed[layer.source]):
+                needed[layer.source], changed = grown, True
     return needed
 
 
+def _units_of(columns: torch.Tensor, fan: int) -> torch.Tensor:
+    return columns.view(-1, fan).any(1) if fan > 1 else columns
+
+
+def _sliced(module: nn.Module, rows: torch.Tensor, cols: torch.Tensor) -> nn.Module:
+    """A plain copy of a Linear/Conv2d with only output units ``rows`` and input columns ``cols``."""
+    w = module.weight.detach().cpu()[rows][:, cols]
+    bias = module.bias is not None
+    if isinstance(module, nn.Conv2d):
+        small = nn.Conv2d(w.shape[1], w.shape[0], module.kernel_size, module.stride, module.padding,
+                          module.dilation, bias=bias, padding_mode=module.padding_mode, dtype=w.dtype)
+    else:
+        small = nn.Linear(w.shape[1], w.shape[0], bias=bias, dtype=w.dtype)
+    small.weight.copy_(w)
+    if bias:
+        small.bias.copy_(module.bias.detach().cpu()[rows])
+    return small
+
+
+def _sliced_norm(bn: nn.Module, channels: torch.Tensor) -> nn.Module:
+    """A plain eval-mode BatchNorm of the same kind holding only ``channels``."""
+    kind = nn.BatchNorm2d if isinstance(bn, nn.BatchNorm2d) else nn.BatchNorm1d
+    small = kind(int(channels.sum()), eps=bn.eps, momentum=bn.momentum, dtype=bn.weight.dtype)
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        getattr(small, name).data.copy_(getattr(bn, name).detach().cpu()[channels])
+    small.num_batches_tracked.copy_(bn.num_batches_tracked.cpu())
+    return small.eval()
+
+
 @torch.no_grad()
-def task_model(net: ContinualNetwork, task: int) -> TaskModel:
-    """A plain-PyTorch copy of task ``task``'s subnetwork with only its needed units."""
+def task_model(net: ContinualNetwork, task: int, normalize=None) -> TaskModel:
+    """A plain-PyTorch copy of task ``task``'s subnetwork with only its needed units (channels),
+    BatchNorm channels included. ``normalize``: ``(mean, std)`` per input channel applied first
+    (``TaskData.normalize``), or ``None``."""
     needed = needed_units(net, task)
+    graph = net.graph
     body = copy.deepcopy(net.body).cpu().eval()
-    for name, layer in net.graph.layers.items():
-        rows = needed[name]
-        cols = needed[layer.source] if layer.source is not None else torch.ones(layer.module.in_features, dtype=torch.bool)
-        old = layer.module
-        small = nn.Linear(int(cols.sum()), int(rows.sum()), bias=old.bias is not None, dtype=old.weight.dtype)
-        small.weight.copy_(old.weight.detach().cpu()[rows][:, cols])
-        if old.bias is not None:
-            small.bias.copy_(old.bias.detach().cpu()[rows])
-        body.set_submodule(name, small)
-    if net.graph.head_source is not None:
-        cols = needed[net.graph.head_source]
+    for name, layer in graph.layers.items():
+        if layer.source is not None:
+            cols = layer.columns(needed[layer.source])
+        else:
+            cols = torch.ones(layer.module.weight.shape[1], dtype=torch.bool)
+        body.set_submodule(name, _sliced(layer.module, needed[layer.group], cols))
+    for name, group in graph.groups.items():
+        for norm in group.norms:
+            body.set_submodule(norm, _sliced_norm(net.body.get_submodule(norm), needed[name]))
+    if graph.head_source is not None:
+        cols = graph.head_columns(needed[graph.head_source])
     else:
         cols = torch.ones(net.head_features, dtype=torch.bool)
     src = net.heads[task]
@@ -82,16 +129,18 @@ def task_model(net: ContinualNetwork, task: int) -> TaskModel:
     head.weight.copy_(weight[:, cols])
     if src.bias is not None:
         head.bias.copy_(src.bias.detach().cpu())
-    return TaskModel(body, head).eval()
+    return TaskModel(body, head, normalize).eval()
 
 
-def export_task(net: ContinualNetwork, task: int, input_shape: tuple[int, ...], path: Path) -> TaskModel:
-    """Write task ``task``'s subnetwork to ``path`` as a ``torch.export`` program (atomically).
+def export_task(net: ContinualNetwork, task: int, input_shape: tuple[int, ...], path: Path,
+                normalize=None) -> TaskModel:
+    """Write task ``task``'s subnetwork (with its input ``normalize``, see ``task_model``) to
+    ``path`` as a ``torch.export`` program (atomically).
 
     Raises:
         ConfigError: ``task`` is out of range.
     """
-    model = task_model(net, task)
+    model = task_model(net, task, normalize)
     example = torch.zeros(2, *input_shape)
     try:
         program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))

@@ -27,7 +27,7 @@ from .atomic import write_atomic
 from .errors import ConfigError
 
 DPI = 120
-CONFIG_KEYS = ("method", "benchmark", "epochs", "optimizer", "lr", "batch_size", "seed", "hidden",
+CONFIG_KEYS = ("method", "benchmark", "epochs", "optimizer", "lr", "batch_size", "seed", "model", "hidden", "width",
                "method_options")
 REUSE_FIELDS = ("units", "owned", "free", "reused")
 MARKERS = "osD^v<>phX*"

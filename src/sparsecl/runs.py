@@ -20,7 +20,7 @@ from .data.types import Benchmark
 from .errors import CheckpointError, ConfigError
 from .methods import METHODS
 from .methods.base import Method
-from .models import mlp
+from .models import build as build_model
 from .network import ContinualNetwork
 from .trainer import RunState, TrainConfig
 
@@ -31,8 +31,10 @@ class RunSpec:
     part of it: they may differ when a run is resumed elsewhere).
 
     ``stream``: segments ``{"benchmark": name, "seed": int, "options": {...}}``; ``model``:
-    ``{"hidden": [...], "dropout": float, "single_head": bool}``; ``method_options``: only the
-    options given (the method's defaults fill the rest); ``train``: ``TrainConfig`` fields.
+    ``{"name": a key of models.MODELS, "options": {...}, "single_head": bool}`` (the spec of
+    runs saved before models had names, ``{"hidden": [...], "dropout": float, "single_head":
+    bool}``, reads as the MLP); ``method_options``: only the options given (the method's defaults
+    fill the rest); ``train``: ``TrainConfig`` fields.
     """
 
     stream: list[dict]
@@ -40,6 +42,18 @@ class RunSpec:
     method: str
     method_options: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if "name" not in self.model:
+            self.model = {"name": "mlp", "options": {"hidden": list(self.model["hidden"]),
+                                                     "dropout": self.model["dropout"]},
+                          "single_head": self.model["single_head"]}
+
+    def model_description(self) -> str:
+        """``--model NAME`` and its options, as a user would type them."""
+        opts = " ".join(f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
+                        for k, v in self.model["options"].items())
+        return f"--model {self.model['name']}" + (f" ({opts})" if opts else "")
 
     def train_config(self, device: str = "cpu", progress: bool = False) -> TrainConfig:
         return TrainConfig(**self.train, device=device, progress=progress)
@@ -92,13 +106,15 @@ def build_network(spec: RunSpec, bench: Benchmark) -> ContinualNetwork:
 
 class CheckpointWriter:
     """``on_task_end`` callback of ``Trainer.fit``: writes the run's checkpoint to ``path`` after
-    every task, atomically replacing the previous one."""
+    every task, atomically replacing the previous one. ``normalize``: each task's per-channel
+    input normalization (``TaskData.normalize``), kept for ``export``."""
 
     def __init__(self, path: Path, spec: RunSpec, method: Method, input_shape: tuple[int, ...],
-                 num_tasks: int, device: str = "cpu"):
+                 num_tasks: int, device: str = "cpu", normalize: list | None = None):
         self.path, self.spec, self.method = Path(path), spec, method
         self.input_shape, self.num_tasks = list(input_shape), num_tasks
         self.device = torch.device(device).type
+        self.normalize = [None if n is None else [list(n[0]), list(n[1])] for n in normalize or [None] * num_tasks]
 
     def __call__(self, net: ContinualNetwork, state: RunState) -> None:
         method_tensors, method_meta = self.method.state()
@@ -112,7 +128,8 @@ class CheckpointWriter:
         manifest = {"spec": dataclasses.asdict(self.spec), "input_shape": self.input_shape,
                     "structure": net.structure(),
                     "method": self.method.name, "method_state": method_meta, "run": run_meta,
-                    "tasks_done": state.tasks_done, "total_tasks": self.num_tasks, "device": self.device}
+                    "tasks_done": state.tasks_done, "total_tasks": self.num_tasks, "device": self.device,
+                    "normalize": self.normalize}
         save_checkpoint(self.path, manifest, tensors)
 
 
@@ -159,8 +176,8 @@ def restore(ckpt: Checkpoint, spec: RunSpec | None = None,
                                       f"model's is {tensor.dtype}")
         net.load_state_dict(saved)
     except (RuntimeError, KeyError, IndexError, TypeError, ConfigError) as exc:
-        raise CheckpointError(f"checkpoint {ckpt.path} does not fit the model (--hidden "
-                              f"{','.join(map(str, spec.model['hidden']))}): {' '.join(str(exc).split())}") from None
+        raise CheckpointError(f"checkpoint {ckpt.path} does not fit the model ({spec.model_description()}): "
+                              f"{' '.join(str(exc).split())}") from None
     method = build_method(spec.method, spec.method_options)
     method.setup(net)
     method.load_state(net, ckpt.group("method"), ckpt.manifest.get("method_state", {}))
@@ -181,5 +198,5 @@ def restore(ckpt: Checkpoint, spec: RunSpec | None = None,
 
 
 def _user_model(spec: RunSpec, input_shape, num_classes: int) -> torch.nn.Module:
-    """The MLP the CLI builds: ``--hidden`` widths, ``--dropout``, a head of task 0's width."""
-    return mlp(input_shape, spec.model["hidden"], num_classes, spec.model["dropout"])
+    """The model of the spec (``models.build``) with a head of task 0's width."""
+    return build_model(spec.model["name"], input_shape, num_classes, **spec.model["options"])
