@@ -332,3 +332,49 @@ def test_exported_conv_subnetwork_matches_and_is_smaller(model):
         small = task_model(net, t)
         assert torch.allclose(small(x), net(x, t), atol=1e-5, rtol=1e-4)
         assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in net.body.parameters())
+
+
+def test_reshapes_that_mix_channels_and_cumulative_batchnorm_are_refused():
+    class Folds(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(64, 2)
+
+        def forward(self, x):  # pools pairs of channels after folding them into one map
+            h = F.relu(self.c(x)).view(x.size(0), 1, 8, 64)
+            return self.fc(F.max_pool2d(h, (2, 8)).flatten(1))
+
+    with pytest.raises(UnsupportedModelError, match="node 'view'.*flattened whole"):
+        trace(Folds())
+    with pytest.raises(UnsupportedModelError, match="momentum=None"):
+        trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=None), nn.Flatten(), nn.Linear(4, 2)))
+
+
+@torch.no_grad()
+def test_activation_scores_read_a_residual_stream_at_every_depth():
+    from sparsecl.scoring import activation_scores
+    torch.manual_seed(0)
+    net = ContinualNetwork(TinyResNet()).eval()
+    x = torch.randn(16, 3, 8, 8)
+    seen = []
+    for name in ("c1", "d1", "sc"):  # the stem group's readers: before and after the block
+        net.body.get_submodule(name).register_forward_pre_hook(lambda m, i: seen.append(i[0].abs().mean((0, 2, 3))))
+    scores = activation_scores(net, [x])
+    assert torch.allclose(scores["stem"], torch.stack(seen).mean(0), rtol=1e-5)
+
+
+@torch.no_grad()
+def test_export_keeps_a_block_whose_units_the_task_pruned_entirely():
+    torch.manual_seed(0)
+    net = ContinualNetwork(TinyResNet())
+    method = EideticNets(EideticConfig())
+    method.setup(net)
+    net.add_head(3)
+    method.begin_task(net, 0, None)
+    method.prune(net, 0, {"c1": torch.ones(8, dtype=torch.bool)})  # the identity block does nothing
+    method.freeze(net, 0)
+    net.eval()
+    x = torch.randn(8, 3, 8, 8)
+    small = task_model(net, 0)
+    assert torch.allclose(small(x), net(x, 0), atol=1e-6)
+    assert small.body.get_submodule("c1").out_channels == 1

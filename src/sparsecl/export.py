@@ -106,9 +106,18 @@ def _sliced_norm(bn: nn.Module, channels: torch.Tensor) -> nn.Module:
 def task_model(net: ContinualNetwork, task: int, normalize=None) -> TaskModel:
     """A plain-PyTorch copy of task ``task``'s subnetwork with only its needed units (channels),
     BatchNorm channels included. ``normalize``: ``(mean, std)`` per input channel applied first
-    (``TaskData.normalize``), or ``None``."""
+    (``TaskData.normalize``), or ``None``.
+
+    Raises:
+        ConfigError: ``task`` is out of range.
+    """
     needed = needed_units(net, task)
     graph = net.graph
+    for mask in needed.values():
+        # A layer of zero units cannot be built; one unit read through exact zeros changes nothing
+        # (e.g. a residual block the task skips, whose output only the stream carries on).
+        if not mask.any():
+            mask[0] = True
     body = copy.deepcopy(net.body).cpu().eval()
     for name, layer in graph.layers.items():
         if layer.source is not None:

@@ -24,21 +24,22 @@ from torch import nn
 from .errors import UnsupportedModelError
 from .norm import TASK_NORMS
 
-# Modules and functions that map channel j to channel j, so a layer reading their output reads
-# the units of whatever layer feeds them. Pooling keeps channels apart too, and maps an all-zero
-# (pruned) channel to zeros.
+# Modules and functions that map unit j to unit j, so a layer reading their output reads the
+# units of whatever layer feeds them.
 _ELEMENTWISE_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
     nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus,
     nn.Dropout, nn.Dropout2d, nn.AlphaDropout, nn.Identity,
-    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
 )
 _ELEMENTWISE_FUNCTIONS = {
     torch.relu, F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish,
     torch.tanh, F.tanh, torch.sigmoid, F.sigmoid, F.hardtanh, F.hardswish, F.softplus,
-    F.max_pool2d, F.avg_pool2d, torch.max_pool2d, torch._C._nn.avg_pool2d, F.adaptive_avg_pool2d,
-    F.adaptive_max_pool2d,
 }
+# Spatial pooling keeps channels apart and maps an all-zero (pruned) channel to zeros, but only
+# on feature maps (N, C, H, W): on a reshaped tensor it would mix channels.
+_POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_POOL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, torch.max_pool2d, torch._C._nn.avg_pool2d,
+                   F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
 # torch.fx records F.dropout's ``training`` argument as the constant it had while tracing, so the
 # traced model would drop out in eval mode (or never while training): nn.Dropout is required.
 _FUNCTIONAL_DROPOUT = {F.dropout, F.alpha_dropout, F.dropout1d, F.dropout2d, F.feature_alpha_dropout}
@@ -139,8 +140,8 @@ def _is_shape(node: fx.Node) -> bool:
 
 
 def _kind(node: fx.Node, gm: fx.GraphModule) -> str:
-    """Classify a node: 'input', 'linear', 'conv', 'norm', 'elementwise', 'reshape', 'add',
-    'shape' or 'other'."""
+    """Classify a node: 'input', 'linear', 'conv', 'norm', 'elementwise', 'pool', 'reshape',
+    'add', 'shape' or 'other'."""
     if node.op == "placeholder":
         return "input"
     if _is_shape(node):
@@ -155,11 +156,15 @@ def _kind(node: fx.Node, gm: fx.GraphModule) -> str:
             return "norm"
         if isinstance(module, _ELEMENTWISE_MODULES):
             return "elementwise"
+        if isinstance(module, _POOL_MODULES):
+            return "pool"
         if isinstance(module, _RESHAPE_MODULES):
             return "reshape"
     elif node.op == "call_function":
         if node.target in _ELEMENTWISE_FUNCTIONS:
             return "elementwise"
+        if node.target in _POOL_FUNCTIONS:
+            return "pool"
         if node.target in _RESHAPE_FUNCTIONS:
             return "reshape"
         if node.target in _ADD:
@@ -220,6 +225,10 @@ def _check_module(node: fx.Node, gm: fx.GraphModule, kind: str) -> None:
         raise _unsupported(node, gm, "BatchNorm needs affine=True and track_running_stats=True: a "
                            "pruned channel is silenced through its affine parameters, and each "
                            "task keeps its own frozen running statistics (never test-batch ones)")
+    if kind == "norm" and module.momentum is None:
+        raise _unsupported(node, gm, "BatchNorm with momentum=None (a cumulative average) counts "
+                           "batches for all channels at once, so a channel recycled for a new task "
+                           "would barely learn its statistics; give it a momentum")
 
 
 def _walk(gm: fx.GraphModule, head_node: fx.Node):
@@ -299,10 +308,33 @@ def _walk(gm: fx.GraphModule, head_node: fx.Node):
             norms[str(node.target)] = c.source
             carry[node] = c
         elif kind == "reshape":
+            if c.spatial and not _is_full_flatten(node, gm):
+                raise _unsupported(node, gm, "feature maps may only be flattened whole, to (N, C·H·W) "
+                                   "(nn.Flatten(), x.flatten(1) or x.view(x.size(0), -1)): another "
+                                   "reshape would mix channels")
             carry[node] = replace(c, flat=c.source is not INPUT)
+        elif kind == "pool":
+            if c.source is not INPUT and (c.flat or not c.spatial):
+                raise _unsupported(node, gm, "pooling of reshaped units or of features mixes units")
+            carry[node] = c
         else:  # elementwise
             carry[node] = c
     return layers, norms, groups, head_carry
+
+
+def _is_full_flatten(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether a reshape node turns (N, C, H, W) into (N, C·H·W)."""
+    args = node.args[1:]
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        return isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1
+    if node.target in (torch.flatten, "flatten"):
+        start = node.kwargs.get("start_dim", args[0] if args else 0)
+        end = node.kwargs.get("end_dim", args[1] if len(args) > 1 else -1)
+        return start == 1 and end == -1
+    # view / reshape: (N, -1), N given as x.size(0), x.shape[0] or a number
+    shape = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
+    return len(shape) == 2 and shape[1] == -1
 
 
 def _fan(name: str, c: _Carry, in_features: int, units: int) -> int:

@@ -85,32 +85,36 @@ def activation_scores(net, batches: Iterable[torch.Tensor]) -> dict[str, torch.T
     Sec. 2.2 and Alg. 1: E_S(|N_l|)), in eval mode; a channel's activation is averaged over its
     spatial positions.
 
-    A unit's activation is what the layers after it read: the input of the unit layer that
-    consumes it (after the activation function, BatchNorm, pooling and any dropout), or the
-    body's output for the final hidden layer. ``batches`` yields float input batches ``(N, ...)``.
+    A unit's activation is what the layers after it read: the input of every unit layer that
+    consumes it (after the activation function, BatchNorm, pooling and any dropout) and, for the
+    group the heads read, the body's output. A unit group of a residual stream is read at several
+    depths; its score is the mean over those reading points. ``batches`` yields float input
+    batches ``(N, ...)``.
     """
-    readers = {}  # source group → the first layer reading it, whose input carries its activations
-    for layer in net.graph.layers.values():
-        if layer.source is not None:
-            readers.setdefault(layer.source, layer)
     sums = _zeros(net)
+    points = {name: 0 for name in sums}
     hooks = []
-    for name, layer in readers.items():
-        def keep(module, inputs, name=name, fan=layer.fan):
+    for layer in net.graph.layers.values():
+        if layer.source is None:
+            continue
+        points[layer.source] += 1
+        def keep(module, inputs, name=layer.source, fan=layer.fan):
             sums[name] += _per_unit(inputs[0], fan).sum(0).double().cpu()
         hooks.append(layer.module.register_forward_pre_hook(keep))
+    source = net.graph.head_source
+    if source is not None:
+        points[source] += 1
     count = 0
     was_training = net.training
     net.eval()
     try:
         for x in batches:
             h = net.features(x)
-            source = net.graph.head_source
-            if source is not None and source not in readers:
+            if source is not None:
                 sums[source] += _per_unit(h, net.graph.head_fan).sum(0).double().cpu()
             count += len(x)
     finally:
         for h in hooks:
             h.remove()
         net.train(was_training)
-    return {name: (s / max(count, 1)).float() for name, s in sums.items()}
+    return {name: (s / max(count * points[name], 1)).float() for name, s in sums.items()}

@@ -1,0 +1,31 @@
+"""Print one Markdown table row per run folder: method, ACC, BWT, max logit change, capacity
+used per layer after the last task, wall time per task. Usage:
+    python benchmarks/summarize.py runs/cifar100-alexnet-like-*"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+
+def row(run_dir: Path) -> str:
+    m = json.loads((Path(run_dir) / "metrics.json").read_text())
+    bwt = "—" if m["bwt"] is None else f"{100 * m['bwt']:+.2f}"
+    capacity = ", ".join(f"{name} {100 * used[-1]:.0f}%" for name, used in m["capacity"].items()) or "—"
+    per_task = statistics.mean(m["seconds_per_task"])
+    return (f"| {m['method']} | {100 * m['acc']:.2f} | {bwt} | {m['max_logit_change']} | {capacity} "
+            f"| {per_task / 60:.1f} min |")
+
+
+def main(paths: list[str]) -> None:
+    print("| method | ACC (%) | BWT (points) | max logit change | capacity used after the last task | wall time per task |")
+    print("|---|---|---|---|---|---|")
+    for path in paths:
+        if (Path(path) / "metrics.json").exists():
+            print(row(Path(path)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
