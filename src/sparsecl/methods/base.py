@@ -65,9 +65,9 @@ class Method:
         """Called after training; isolation methods select and freeze here."""
 
     def capacity(self, net: "ContinualNetwork") -> dict[str, float]:
-        """Fraction of each unit layer's units in use after the current task. A method without
+        """Fraction of each unit group's units in use after the current task. A method without
         isolation uses (and overwrites) every unit."""
-        return {name: 1.0 for name in net.graph.layers}
+        return {name: 1.0 for name in net.graph.groups}
 
     def reuse(self, net: "ContinualNetwork") -> dict[str, dict[str, int]]:
         """Per unit layer, for the task that just ended: ``units`` (layer width), ``owned``
