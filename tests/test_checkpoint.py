@@ -260,3 +260,40 @@ def test_single_head_with_a_different_class_count_is_refused_before_training():
     with pytest.raises(ConfigError, match=r"single head: task 2 \('clusters:2'\) has 4 classes but the shared output layer has 3"):
         Trainer(method, TrainConfig(epochs=1)).fit(net, bench)
     assert method.log == []  # refused before the first task was trained
+
+
+def test_a_resumed_run_gives_the_same_routing_results(tmp_path):
+    """A run with --routing classifier stopped after 2 tasks and resumed with ``sparsecl run
+    --resume`` ends with the routing results, router and checkpoint of an uninterrupted run."""
+    spec = RunSpec([{"benchmark": "split-digits", "seed": 0, "options": {"num_tasks": 4}}],
+                   {"hidden": [16, 16], "dropout": 0.0, "single_head": False}, "eidetic",
+                   {"patience": 2, "prune_step": 0.2},
+                   {"epochs": 2, "batch_size": 32, "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0,
+                    "momentum": 0.0, "seed": 0, "routing": "classifier", "router_buffer": 60, "router_epochs": 5})
+    bench = build_stream(spec)
+
+    def run(out, stop_after=None):
+        out.mkdir()
+        method = build_method(spec.method, spec.method_options)
+        writer = CheckpointWriter(out / CHECKPOINT_NAME, spec, method, bench.input_shape, bench.num_tasks)
+
+        def on_task_end(net, state):
+            writer(net, state)
+            if state.tasks_done == stop_after:
+                raise KeyboardInterrupt
+
+        return Trainer(method, spec.train_config()).fit(build_network(spec, bench), bench, on_task_end=on_task_end)
+
+    full = run(tmp_path / "full").routing
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", stop_after=2)
+    assert _tasks_done(tmp_path / "cut" / CHECKPOINT_NAME) == 2
+    result = _cli("run", "--resume", tmp_path / "cut", "--no-progress")
+    assert result.exit_code == 0, result.output
+    resumed = json.loads((tmp_path / "cut" / "metrics.json").read_text())["routing"]
+    for key in set(full) - {"seconds_per_task"}:
+        assert resumed[key] == full[key], key
+    a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "cut")
+    assert any(k.startswith("run.router.units.") for k in a.tensors)  # the router's own units are saved
+    assert a.tensors.keys() == b.tensors.keys()
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)

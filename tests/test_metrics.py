@@ -40,3 +40,15 @@ def test_single_task_has_no_bwt_or_forgetting():
 def test_malformed_matrices_are_refused(bad):
     with pytest.raises(ValueError):
         metrics.average_accuracy(bad)
+
+
+def test_per_class_accuracy_and_mean_class_drop():
+    labels = [0, 0, 1, 1, 1, 2]
+    assert metrics.per_class_accuracy(labels, [True, False, True, True, False, True], 4) == \
+        [0.5, pytest.approx(2 / 3), 1.0, None]  # class 3 has no sample
+    assert metrics.mean_class_drop([0.9, 1.0, None, 0.5], [0.7, 1.0, 0.4, None]) == pytest.approx(0.1)
+    assert metrics.mean_class_drop([None], [0.3]) is None
+    with pytest.raises(ValueError, match="outside the classes 0..1"):
+        metrics.per_class_accuracy([2], [True], 2)
+    with pytest.raises(ValueError):
+        metrics.mean_class_drop([0.5], [])

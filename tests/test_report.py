@@ -205,3 +205,63 @@ def test_failing_report_md_keeps_the_old_one(tmp_path, monkeypatch):
         write_report(run)
     assert (run / "report.md").read_text() == "old report\n"
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+def routing_metrics() -> dict:
+    m = fake_metrics()
+    m["routing"] = {
+        "mode": "classifier", "buffer_per_task": 200,
+        "accuracy_matrix": [[0.984, None, None], [0.95, 0.90, None], [0.93, 0.88, 0.97]],
+        "acc": (0.93 + 0.88 + 0.97) / 3, "bwt": None, "forgetting": None,
+        "routing_accuracy": [[1.0, None, None], [0.96, 0.92, None], [0.94, 0.9, 0.975]],
+        "per_class": [{"task": t, "class": 2 * t + k, "samples": 50, "oracle": 0.98, "routed": 0.9 - 0.1 * k}
+                      for t in range(3) for k in range(2)],
+        "mean_class_drop": 0.13, "seconds_per_task": [0.1, 0.2, 0.3],
+    }
+    return m
+
+
+def test_routing_adds_a_plot_and_a_section(tmp_path):
+    run = make_run(tmp_path, routing_metrics())
+    written = write_report(run)
+    assert [p.name for p in written] == [*OUTPUTS[:3], "routing.png", "report.md"]
+    assert (run / "routing.png").read_bytes().startswith(PNG_SIGNATURE)
+    md = (run / "report.md").read_text()
+    assert "## Task-agnostic inference (classifier routing)" in md
+    assert "| routed ACC | 92.67 % |" in md and "| oracle ACC (task id given) | 98.36 % |" in md
+    assert "| mean per-class drop (oracle − routed) | 13.00 points |" in md
+    assert "200 training samples per task" in md
+    assert "| 1 | 95.00 | 90.00 |  |" in md  # the routed matrix
+    assert "| 2 | 94.00 | 90.00 | 97.50 |" in md  # routing accuracy
+    assert "| 1 | 3 | 50 | 98.00 | 80.00 | 18.00 |" in md  # per class: task, class, samples, oracle, routed, drop
+    assert "![routing](routing.png)" in md
+    m = fake_metrics()  # a later report without routing removes the stale plot
+    (run / "metrics.json").write_text(json.dumps(m))
+    write_report(run)
+    assert not (run / "routing.png").exists() and "Task-agnostic" not in (run / "report.md").read_text()
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda r: r.pop("mode"), r'"routing.mode" must be a string; it is missing'),
+    (lambda r: r["accuracy_matrix"][2].pop(), r'"routing.accuracy_matrix" must be a list of 3 rows'),
+    (lambda r: r["routing_accuracy"][0].__setitem__(0, 1.5), r'"routing.routing_accuracy"'),
+    (lambda r: r.__setitem__("buffer_per_task", 0), r'"routing.buffer_per_task" must be a positive integer'),
+    (lambda r: r["per_class"][0].__setitem__("task", 7), r'"routing.per_class"'),
+])
+def test_malformed_routing_names_the_key(tmp_path, mutate, match):
+    m = routing_metrics()
+    mutate(m["routing"])
+    run = make_run(tmp_path, m)
+    with pytest.raises(ConfigError, match=match):
+        write_report(run)
+    assert leftovers(run) == []
+
+
+def test_many_classes_plot_routed_against_oracle(tmp_path):
+    m = routing_metrics()
+    m["routing"]["per_class"] = [{"task": t, "class": 10 * t + k, "oracle": 0.9, "routed": 0.01 * k}
+                                 for t in range(3) for k in range(20)]
+    run = make_run(tmp_path, m)
+    write_report(run)
+    assert (run / "routing.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert "| 2 | 29 | " in (run / "report.md").read_text()  # no "samples": the cell is left empty

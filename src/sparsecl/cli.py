@@ -23,7 +23,8 @@ from .errors import ConfigError, SparseCLError
 from .methods import METHODS
 from .models import MODELS
 from .runs import CheckpointWriter, RunSpec, build_method, build_network, build_stream, restore, spec_of
-from .trainer import OPTIMIZERS, RunResult, Trainer, accuracy, check_task
+from .routing import ROUTING_MODES, evaluate_routing
+from .trainer import OPTIMIZERS, RunResult, TrainConfig, Trainer, accuracy, check_task
 
 DEFAULT_BENCHMARK = "split-digits"  # bundled with scikit-learn: runs with no data root
 _METHOD_FIELDS = {f.name for _, c in METHODS.values() if c for f in dataclasses.fields(c)}
@@ -58,6 +59,8 @@ def main() -> None:
 
 # The model options: --from keeps the saved model's and refuses new values.
 _MODEL_OPTIONS = ("model", "hidden", "width", "dropout", "single_head")
+# The task classifier's options: only with --routing classifier.
+_ROUTER_OPTIONS = ("router_buffer", "router_epochs", "router_lr", "router_hidden", "router_free_units")
 
 
 @main.command()
@@ -89,6 +92,21 @@ _MODEL_OPTIONS = ("model", "hidden", "width", "dropout", "single_head")
 @click.option("--augment/--no-augment", default=None, help="CIFAR benchmarks: random crop (4-pixel padding) and flip of training batches [default: on]")
 @click.option("--normalize/--no-normalize", default=None, help="CIFAR benchmarks: per-channel normalization [default: on]")
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda")
+@click.option("--routing", type=click.Choice(ROUTING_MODES), default="oracle", show_default=True,
+              help="also evaluate task-agnostic inference after every task: 'classifier' (EideticNets' task "
+                   "classifier; keeps --router-buffer training samples of every task) or 'entropy' (the "
+                   "head with the lowest entropy; keeps no data); 'oracle': task ids given only")
+@click.option("--router-buffer", type=int, default=TrainConfig.router_buffer, show_default=True,
+              help="--routing classifier: training samples kept per task to retrain the router after every task")
+@click.option("--router-epochs", type=int, default=TrainConfig.router_epochs, show_default=True,
+              help="--routing classifier: training epochs of the router after every task")
+@click.option("--router-lr", type=float, default=TrainConfig.router_lr, show_default=True,
+              help="--routing classifier: the router's Adam learning rate")
+@click.option("--router-hidden", type=int, default=TrainConfig.router_hidden, show_default=True,
+              help="--routing classifier: hidden units of the router's head (0: one Linear layer)")
+@click.option("--router-free-units/--no-router-free-units", default=TrainConfig.router_free_units, show_default=True,
+              help="--routing classifier: the router also trains units of its own in the capacity no task owns "
+                   "(EideticNets, CLNP); off: a head on the frozen features only")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="folder for metrics.json and the checkpoint written after every task")
 @click.option("--resume", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -117,6 +135,7 @@ def run(data_root, download, device, out, resume, from_checkpoint, progress, **o
                 raise ConfigError(f"--resume continues the run in its own folder with its saved options; drop {flags}")
             out = resume
         spec, ckpt = _spec(options, given, resume, from_checkpoint)  # a bad checkpoint fails here
+        config = spec.train_config(device, progress)  # bad training options fail before any work
         if out is not None:  # fail before training, not after it, if the results cannot be written
             _prepare_out(Path(out))
         bench = build_stream(spec, data_root, download)
@@ -129,7 +148,7 @@ def run(data_root, download, device, out, resume, from_checkpoint, progress, **o
         writer = None if out is None else CheckpointWriter(Path(out) / CHECKPOINT_NAME, spec, method_obj,
                                                            bench.input_shape, bench.num_tasks, device,
                                                            [t.normalize for t in bench.tasks])
-        result = Trainer(method_obj, spec.train_config(device, progress)).fit(net, bench, state, writer)
+        result = Trainer(method_obj, config).fit(net, bench, state, writer)
     except SparseCLError as exc:
         raise click.ClickException(str(exc)) from exc
     result_dict = result.to_dict()
@@ -156,7 +175,13 @@ def _spec(options: dict, given: set[str], resume: Path | None, from_checkpoint: 
                               max_test_per_task=options["max_test_per_task"], augment=options["augment"],
                               classes_per_task=options["classes_per_task"],
                               normalize=options["normalize"]).items() if v is not None}}
-    train = {k: options[k] for k in ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "momentum", "seed")}
+    train = {k: options[k] for k in ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "momentum", "seed",
+                                     "routing", *_ROUTER_OPTIONS)}
+    if options["routing"] != "classifier":
+        stray = sorted(k for k in _ROUTER_OPTIONS if k in given)
+        if stray:
+            raise ConfigError(f"{_flags(click.get_current_context(), stray)} configure(s) the task classifier of "
+                              f"--routing classifier; --routing is {options['routing']}")
     method_options = {k: v for k, v in options.items() if k in _METHOD_FIELDS and v is not None}
     if from_checkpoint is None:
         model = {"name": options["model"], "options": _model_options(options, given),
@@ -204,18 +229,29 @@ def _model_options(options: dict, given: set[str]) -> dict:
 @click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--download", is_flag=True, default=None)
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--routing", type=click.Choice(ROUTING_MODES), default="oracle", show_default=True,
+              help="also measure task-agnostic accuracy: 'entropy' (needs nothing more) or 'classifier' (the "
+                   "task router the run saved with --routing classifier)")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="also write the accuracies to this JSON file")
 def evaluate(checkpoint, benchmark, num_tasks, seed, permute_first, max_test_per_task, data_root, download,
-             device, json_out) -> None:
-    """Test accuracy of every task of a saved model (CHECKPOINT: a checkpoint file or run folder)."""
+             device, routing, json_out) -> None:
+    """Test accuracy of every task of a saved model (CHECKPOINT: a checkpoint file or run folder);
+    with --routing, also without task ids."""
     ctx = click.get_current_context()
     try:
         if json_out is not None:
             _check_parent(json_out, "--json")
         ckpt = load_checkpoint(checkpoint)
-        net, _, _ = restore(ckpt)
+        net, _, state = restore(ckpt)
         net.to(device).eval()
+        router = None
+        if routing == "classifier":
+            router = None if state.routing is None else state.routing.router
+            if router is None:
+                raise ConfigError(f"{ckpt.path} holds no task router (its run did not use --routing classifier); "
+                                  "--routing entropy needs none")
+            router.to(device)
         if benchmark is None:
             only_with = [k for k in ("num_tasks", "seed", "permute_first", "max_test_per_task")
                          if ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT]
@@ -241,19 +277,33 @@ def evaluate(checkpoint, benchmark, num_tasks, seed, permute_first, max_test_per
             check_task(task, i, head_classes=net.head_classes[i])
             rows.append({"task": i, "name": task.name, "samples": len(task.test_y),
                          "accuracy": accuracy(net, task.test_x, task.test_y, i, 1024, device, task.prepare)})
+        routed = None
+        if routing != "oracle":
+            routing_net = net if router is None else router.install(net)
+            routed = evaluate_routing(routing_net, bench.tasks[: net.num_tasks], routing, router, 1024, device)
+            for r, acc, share in zip(rows, routed.routed, routed.routing):
+                r.update(routed_accuracy=acc, routing_accuracy=share)
     except SparseCLError as exc:
         raise click.ClickException(str(exc)) from exc
     table = Table(title=f"{ckpt.path}: test accuracy per task on {bench.name}")
-    for column in ("task", "name", "samples", "accuracy (%)"):
+    columns = ["task", "name", "samples", "accuracy (%)"]
+    if routed is not None:
+        columns += [f"routed, {routing} (%)", "routed to its task (%)"]
+    for column in columns:
         table.add_column(column, justify="left" if column == "name" else "right")
     for r in rows:
-        table.add_row(str(r["task"]), r["name"], str(r["samples"]), f"{100 * r['accuracy']:.2f}")
+        extra = [] if routed is None else [f"{100 * r['routed_accuracy']:.2f}", f"{100 * r['routing_accuracy']:.2f}"]
+        table.add_row(str(r["task"]), r["name"], str(r["samples"]), f"{100 * r['accuracy']:.2f}", *extra)
     Console().print(table)
     mean = sum(r["accuracy"] for r in rows) / len(rows)
     click.echo(f"mean accuracy {100 * mean:.2f}%")
+    report = {"checkpoint": str(ckpt.path), "benchmark": bench.name, "tasks": rows, "mean_accuracy": mean}
+    if routed is not None:
+        mean_routed = sum(routed.routed) / len(rows)
+        click.echo(f"mean routed accuracy ({routing}) {100 * mean_routed:.2f}%")
+        report["routing"] = {"mode": routing, "mean_routed_accuracy": mean_routed, "per_class": routed.per_class}
     if json_out is not None:
-        write_json_atomic(json_out, {"checkpoint": str(ckpt.path), "benchmark": bench.name, "tasks": rows,
-                                     "mean_accuracy": mean})
+        write_json_atomic(json_out, report)
 
 
 @main.command()
@@ -352,3 +402,25 @@ def _print_summary(result: RunResult) -> None:
     for name, used in result.capacity.items():
         cap.add_row(name, *(f"{u:.3f}" for u in used))
     console.print(cap)
+    if result.routing is not None:
+        _print_routing(console, result.routing, R)
+
+
+def _print_routing(console: Console, routing: dict, R: list) -> None:
+    """The task-agnostic results after the last task: per task, oracle vs routed accuracy and
+    the share routed to the right task; routed ACC and the mean per-class drop."""
+    buffer = "" if routing["buffer_per_task"] is None else f", {routing['buffer_per_task']} samples kept per task"
+    table = Table(title=f"task-agnostic inference (--routing {routing['mode']}{buffer}), after the last task (%)")
+    for column in ("task", "oracle", "routed", "routed to its task"):
+        table.add_column(column, justify="right")
+    routed, to_task = routing["accuracy_matrix"][-1], routing["routing_accuracy"][-1]
+    for i, oracle in enumerate(R[-1]):
+        cell = lambda v: "n/a" if v is None else f"{100 * v:.2f}"  # noqa: E731
+        table.add_row(str(i), cell(oracle), cell(routed[i]), cell(to_task[i]))
+    console.print(table)
+    acc = routing["acc"]
+    drop = routing["mean_class_drop"]
+    console.print(f"routed ACC {'n/a' if acc is None else f'{100 * acc:.2f}%'}   "
+                  f"routing accuracy {100 * sum(to_task) / len(to_task):.2f}%   "
+                  f"mean per-class drop {'n/a' if drop is None else f'{100 * drop:.2f} points'}"
+                  if all(v is not None for v in to_task) else "routing was not measured after the last task")

@@ -60,6 +60,32 @@ def forward_transfer(R: Matrix, baseline: Sequence[float]) -> float | None:
     return sum(R[i - 1][i] - baseline[i] for i in range(1, T)) / (T - 1)
 
 
+def per_class_accuracy(labels: Sequence[int], correct: Sequence[bool], num_classes: int) -> list[float | None]:
+    """Accuracy of each class ``k`` in ``0 .. num_classes - 1``: the fraction of the samples
+    whose label is ``k`` that were classified right (``correct[n]`` for sample ``n``); ``None``
+    for a class without samples. EideticNets (paper 001, Tables 7-8) compares it with and without
+    task routing."""
+    if len(labels) != len(correct):
+        raise ValueError(f"{len(labels)} labels but {len(correct)} correctness flags")
+    hits, totals = [0] * num_classes, [0] * num_classes
+    for label, ok in zip(labels, correct):
+        if not 0 <= label < num_classes:
+            raise ValueError(f"label {label} is outside the classes 0..{num_classes - 1}")
+        totals[label] += 1
+        hits[label] += bool(ok)
+    return [None if n == 0 else h / n for h, n in zip(hits, totals)]
+
+
+def mean_class_drop(oracle: Sequence[float | None], routed: Sequence[float | None]) -> float | None:
+    """Mean over classes of (oracle accuracy − routed accuracy): what routing without a task id
+    costs per class (EideticNets, paper 001, Table 8: "the average drop in per-class accuracy").
+    Classes measured in only one of the two are skipped; ``None`` if no class is left."""
+    if len(oracle) != len(routed):
+        raise ValueError(f"{len(oracle)} oracle accuracies but {len(routed)} routed ones")
+    drops = [o - r for o, r in zip(oracle, routed) if o is not None and r is not None]
+    return sum(drops) / len(drops) if drops else None
+
+
 def versions() -> dict[str, str]:
     """Versions of what produced a result, recorded in ``metrics.json``."""
     import numpy

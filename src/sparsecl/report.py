@@ -1,6 +1,7 @@
 """Human report of a run folder: reads ``RUN_DIR/metrics.json`` (written by ``sparsecl run --out``)
 and writes ``accuracy_matrix.png``, ``capacity.png``, ``reuse.png`` (only when the metrics have a
-non-empty ``"reuse"`` entry) and ``report.md`` next to it.
+non-empty ``"reuse"`` entry), ``routing.png`` (only when they have a ``"routing"`` entry: a run with
+``--routing classifier`` or ``entropy``) and ``report.md`` next to it.
 
 Every file goes through a temporary file in the same folder and :func:`os.replace`, so an
 interrupted report never leaves half a file; ``report.md`` is written last. A missing folder or
@@ -36,8 +37,9 @@ LINESTYLES = ("-", "--", "-.", ":")
 
 def write_report(run_dir: Path) -> list[Path]:
     """Read RUN_DIR/metrics.json; write RUN_DIR/accuracy_matrix.png, RUN_DIR/capacity.png,
-    RUN_DIR/reuse.png (only when the metrics have a non-empty "reuse" key) and RUN_DIR/report.md;
-    return the paths written, in that order.
+    RUN_DIR/reuse.png (only when the metrics have a non-empty "reuse" key), RUN_DIR/routing.png
+    (only when they have a "routing" key) and RUN_DIR/report.md; return the paths written, in
+    that order.
 
     Raises ConfigError if RUN_DIR is not a folder, metrics.json is missing or not valid JSON, or
     a key is missing or of the wrong shape (the message names the file and the key).
@@ -50,6 +52,10 @@ def write_report(run_dir: Path) -> list[Path]:
         written.append(_save_figure(_reuse_figure(m), run_dir / "reuse.png"))
     else:  # a reuse plot left by an earlier report would no longer match these metrics
         (run_dir / "reuse.png").unlink(missing_ok=True)
+    if m.get("routing") is not None:
+        written.append(_save_figure(_routing_figure(m), run_dir / "routing.png"))
+    else:
+        (run_dir / "routing.png").unlink(missing_ok=True)
     text = _markdown(m, [p.name for p in written])
     written.append(write_atomic(run_dir / "report.md", lambda f: f.write(text.encode("utf-8"))))
     return written
@@ -129,6 +135,42 @@ def _check(m: dict[str, Any], path: Path) -> None:
             raise ConfigError(f"{path}: key \"reuse\" layer \"{layer}\" must have " +
                               ", ".join(f'"{f}"' for f in REUSE_FIELDS) +
                               f", each a list of {T} non-negative integers")
+    if m.get("routing") is not None:
+        _check_routing(m["routing"], T, path)
+
+
+def _is_fraction(x: Any) -> bool:
+    return _is_num(x) and 0.0 <= x <= 1.0
+
+
+def _check_routing(r: Any, T: int, path: Path) -> None:
+    """The "routing" entry: mode, routed matrix and routing accuracy (T x T, fractions or null),
+    per-class rows; every problem is named by its key."""
+    def bad(key: str, expected: str) -> ConfigError:
+        got = "it is missing" if not isinstance(r, dict) or key not in r else f"got {json.dumps(r[key])[:80]}"
+        return ConfigError(f"{path}: key \"routing.{key}\" must be {expected}; {got}")
+
+    if not isinstance(r, dict):
+        raise ConfigError(f"{path}: key \"routing\" must be an object; got {json.dumps(r)[:80]}")
+    if not isinstance(r.get("mode"), str):
+        raise bad("mode", "a string")
+    for key in ("accuracy_matrix", "routing_accuracy"):
+        M = r.get(key)
+        if not (isinstance(M, list) and len(M) == T and all(
+                isinstance(row, list) and len(row) == T and all(a is None or _is_fraction(a) for a in row)
+                for row in M)):
+            raise bad(key, f"a list of {T} rows of {T} numbers in [0, 1] or null")
+    for key in ("acc", "mean_class_drop"):
+        if r.get(key) is not None and not _is_num(r[key]):
+            raise bad(key, "a number or null")
+    b = r.get("buffer_per_task")
+    if b is not None and not (isinstance(b, int) and not isinstance(b, bool) and b > 0):
+        raise bad("buffer_per_task", "a positive integer or null")
+    rows = r.get("per_class", [])
+    if not isinstance(rows, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("task"), int) and 0 <= c["task"] < T and "class" in c
+            and all(c.get(k) is None or _is_fraction(c.get(k)) for k in ("oracle", "routed")) for c in rows):
+        raise bad("per_class", 'a list of {"task", "class", "oracle", "routed"} entries (accuracies in [0, 1] or null)')
 
 
 # ---------------------------------------------------------------------------- atomic writes
@@ -235,6 +277,68 @@ def _reuse_figure(m: dict[str, Any]) -> Figure:
     return fig
 
 
+MAX_CLASS_BARS = 40  # beyond this many classes, the per-class panel is a scatter plot
+
+
+def _routing_figure(m: dict[str, Any]) -> Figure:
+    """Top: per task after the last task, oracle vs routed accuracy and the share routed to the
+    right task. Bottom: per class, oracle vs routed accuracy (EideticNets' Table 8 as a plot):
+    bars for up to ``MAX_CLASS_BARS`` classes, else routed against oracle, one point per class."""
+    r = m["routing"]
+    R, T = m["accuracy_matrix"], len(m["accuracy_matrix"])
+    classes = r.get("per_class") or []
+    bars = len(classes) <= MAX_CLASS_BARS
+    width = min(14.0, max(6.5, 0.45 * T + 3.0, 0.28 * len(classes) + 2.0 if bars else 0.0))
+    fig = _new_figure(width, 8.5 if classes else 4.5)
+    axes = fig.subplots(2 if classes else 1, 1, squeeze=False)[:, 0]
+    nan = lambda v: np.nan if v is None else 100 * v  # noqa: E731
+    series = [("oracle (task id given)", [nan(a) for a in R[-1]]),
+              (f"routed ({r['mode']})", [nan(a) for a in r["accuracy_matrix"][-1]]),
+              ("routed to its task", [nan(a) for a in r["routing_accuracy"][-1]])]
+    ax = axes[0]
+    step = 0.8 / len(series)
+    for k, (label, values) in enumerate(series):
+        ax.bar([t + (k - 1) * step for t in range(T)], values, width=step, label=label)
+    ax.set_xticks(range(T))
+    ax.set_xlim(-0.6, T - 0.4)
+    ax.set_ylim(0, 105)
+    ax.set_xlabel("task")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("per task, after the last task")
+    ax.grid(True, axis="y", alpha=0.4)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    if classes:
+        ax = axes[1]
+        oracle, routed = [nan(c["oracle"]) for c in classes], [nan(c["routed"]) for c in classes]
+        if bars:
+            x = np.arange(len(classes))
+            ax.bar(x - 0.2, oracle, width=0.4, label="oracle")
+            ax.bar(x + 0.2, routed, width=0.4, label=f"routed ({r['mode']})")
+            ax.set_xticks(x, [f"{c['task']}:{c['class']}" for c in classes], rotation=90 if len(classes) > 20 else 0,
+                          fontsize=8)
+            ax.set_xlim(-0.6, len(classes) - 0.4)
+            ax.set_ylim(0, 105)
+            ax.set_xlabel("task:class (original label)")
+            ax.set_ylabel("accuracy (%)")
+            ax.grid(True, axis="y", alpha=0.4)
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+        else:
+            points = ax.scatter(oracle, routed, c=[c["task"] for c in classes], cmap="viridis", s=18, alpha=0.8)
+            ax.plot([0, 100], [0, 100], color="gray", linestyle="--", linewidth=1, label="no drop")
+            fig.colorbar(points, ax=ax, label="task")
+            ax.set_xlim(-2, 102)
+            ax.set_ylim(-2, 102)
+            ax.set_xlabel("oracle accuracy (%)")
+            ax.set_ylabel(f"routed accuracy, {r['mode']} (%)")
+            ax.grid(True, alpha=0.4)
+            ax.legend(loc="upper left", fontsize=8)
+        drop = r.get("mean_class_drop")
+        ax.set_title(f"per class ({len(classes)})" + ("" if drop is None else f": mean drop {100 * drop:.2f} points"))
+    buffer = "" if r.get("buffer_per_task") is None else f", {r['buffer_per_task']} samples kept per task"
+    fig.suptitle(f"{m['method']} on {m['benchmark']}: task-agnostic inference ({r['mode']}{buffer})")
+    return fig
+
+
 # ---------------------------------------------------------------------------- report.md
 
 def _cell(x: Any) -> str:
@@ -256,6 +360,37 @@ def _duration(s: float | None) -> str:
         return "n/a"
     h, rest = divmod(round(s), 3600)
     return f"{s:.1f} s ({h}:{rest // 60:02d}:{rest % 60:02d})"
+
+
+def _routing_markdown(r: dict[str, Any], T: int, oracle_acc: float | None) -> list[str]:
+    cells = lambda row: ["" if a is None else f"{100 * a:.2f}" for a in row]  # noqa: E731
+    kept = ("none (entropy routing keeps no data)" if r.get("buffer_per_task") is None
+            else f"{r['buffer_per_task']} training samples per task, kept to retrain the router")
+    out = ["", f"## Task-agnostic inference ({r['mode']} routing)", "",
+           "Every test sample is routed to a task head without its task id, in one pass of the network.", ""]
+    out += _table(["metric", "value"], [
+        ["routing", r["mode"]],
+        ["data kept for routing", kept],
+        ["routed ACC", _fmt(r.get("acc"), 100, ".2f", " %")],
+        ["oracle ACC (task id given)", _fmt(oracle_acc, 100, ".2f", " %")],
+        ["mean per-class drop (oracle − routed)", _fmt(r.get("mean_class_drop"), 100, ".2f", " points")],
+    ])
+    out += ["", "### Routed accuracy matrix (%)", "",
+            "Row t: accuracy on every task after training task t, task and class both predicted.", ""]
+    out += _table(["after task"] + [f"task {i}" for i in range(T)],
+                  [[t] + cells(row) for t, row in enumerate(r["accuracy_matrix"])])
+    out += ["", "### Routing accuracy (%)", "", "Row t: share of each task's test samples routed to it after task t.", ""]
+    out += _table(["after task"] + [f"task {i}" for i in range(T)],
+                  [[t] + cells(row) for t, row in enumerate(r["routing_accuracy"])])
+    classes = r.get("per_class") or []
+    if classes:
+        out += ["", "### Per-class accuracy after the last task (%)", "",
+                "As EideticNets' Table 8: each class with the task id given (oracle) and routed.", ""]
+        out += _table(["task", "class", "samples", "oracle", "routed", "drop (points)"],
+                      [[c["task"], c["class"], c.get("samples", ""), _fmt(c["oracle"], 100), _fmt(c["routed"], 100),
+                        "n/a" if c["oracle"] is None or c["routed"] is None else f"{100 * (c['oracle'] - c['routed']):.2f}"]
+                       for c in classes])
+    return out
 
 
 def _markdown(m: dict[str, Any], images: list[str]) -> str:
@@ -289,6 +424,8 @@ def _markdown(m: dict[str, Any], images: list[str]) -> str:
         out += _table(["layer", "task", *REUSE_FIELDS],
                       [[layer, t, *(e[f][t] for f in REUSE_FIELDS)] for layer, e in reuse.items()
                        for t in range(T)])
+    if m.get("routing") is not None:
+        out += _routing_markdown(m["routing"], T, acc)
     shown = [k for k in CONFIG_KEYS if k in config]
     if shown:
         out += ["", "## Configuration", ""]

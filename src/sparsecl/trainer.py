@@ -21,6 +21,8 @@ from .data.types import Benchmark, TaskData
 from .errors import CheckpointError, ConfigError, DivergenceError, ForgettingError
 from .methods.base import Method
 from .network import ContinualNetwork
+from .routing import (ROUTING_MODES, ExemplarBuffer, RoutingRecord, common_prepare, evaluate_routing, fit_router,
+                      free_units_of)
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
@@ -33,6 +35,17 @@ class TrainConfig:
     pruning); ``lr``, ``weight_decay`` and ``momentum`` configure ``optimizer`` (``momentum`` is
     SGD's; Adam/AdamW use their default betas). ``probe_size`` test samples per task are kept to
     verify zero forgetting bitwise.
+
+    ``routing``: besides the task-incremental accuracy matrix (task id given, ``"oracle"``),
+    evaluate task-agnostic inference after every task (``sparsecl.routing``): ``"classifier"``,
+    EideticNets' task classifier, retrained after every task for ``router_epochs`` epochs (Adam,
+    ``router_lr``; a Linear head, or an MLP head with ``router_hidden`` hidden units) on at most
+    ``router_buffer`` kept training samples *per task* (so this mode keeps data of earlier
+    tasks), with units of its own in the capacity no task owns when ``router_free_units`` and the
+    method keeps a unit ledger (else a head on the frozen features); or ``"entropy"``, the head
+    with the lowest softmax entropy (keeps no data). Routing draws from generators of its own
+    and never changes the network: the task-incremental results are the same bit for bit
+    whatever ``routing`` is.
     """
 
     epochs: int = 10
@@ -46,20 +59,30 @@ class TrainConfig:
     probe_size: int = 256
     device: str = "cpu"
     progress: bool = False
+    routing: str = "oracle"
+    router_buffer: int = 200
+    router_epochs: int = 20
+    router_lr: float = 1e-3
+    router_hidden: int = 0
+    router_free_units: bool = True
 
     def __post_init__(self) -> None:
+        if self.routing not in ROUTING_MODES:
+            raise ConfigError(f"--routing must be one of {', '.join(ROUTING_MODES)}, got '{self.routing}'")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got '{self.optimizer}'")
-        for name in ("epochs", "batch_size", "eval_batch_size", "probe_size"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "probe_size", "router_buffer", "router_epochs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         try:
             torch.device(self.device)
         except (RuntimeError, TypeError):
             raise ConfigError(f"--device must be a torch device such as cpu or cuda, got '{self.device}'") from None
-        for name in ("lr", "weight_decay", "momentum"):
+        for name in ("lr", "weight_decay", "momentum", "router_hidden"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be non-negative, got {getattr(self, name)}")
+        if not self.router_lr > 0:
+            raise ConfigError(f"--router-lr must be above 0, got {self.router_lr}")
 
 
 def make_optimizer(params: Sequence[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
@@ -279,6 +302,7 @@ class RunResult:
     method: str
     benchmark: str
     benchmark_info: dict = field(default_factory=dict)
+    routing: dict | None = None  # RoutingRecord.to_dict(): task-agnostic results, when routing is on
 
     @property
     def acc(self) -> float:
@@ -308,6 +332,7 @@ class RunResult:
             "versions": metrics.versions(),
             "seconds": sum(self.seconds_per_task),
             "seconds_per_task": self.seconds_per_task,
+            **({"routing": self.routing} if self.routing is not None else {}),
         }
 
 
@@ -318,7 +343,8 @@ class RunState:
 
     ``rows[t][i]``: test accuracy of task i after task t (i <= t); ``probes[i]``: task i's probe
     inputs and the logits recorded when it ended; ``capacity``/``reuse``: per layer, one entry
-    per task; ``seconds``: wall time per task.
+    per task; ``seconds``: wall time per task; ``routing``: the task-agnostic results and the
+    latest task classifier (``None`` unless routing is on).
     """
 
     rows: list[list[float]] = field(default_factory=list)
@@ -327,6 +353,7 @@ class RunState:
     reuse: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     seconds: list[float] = field(default_factory=list)
     max_change: float = 0.0
+    routing: RoutingRecord | None = None
 
     @property
     def tasks_done(self) -> int:
@@ -343,6 +370,9 @@ class RunState:
             tensors[f"probe_x.{i}"], tensors[f"probe_logits.{i}"] = x, logits
         meta = {"rows": self.rows, "capacity": self.capacity, "reuse": self.reuse,
                 "seconds": self.seconds, "max_change": self.max_change if math.isfinite(self.max_change) else "inf"}
+        if self.routing is not None:
+            routing_tensors, meta["routing"] = self.routing.to_checkpoint()
+            tensors.update(routing_tensors)
         return tensors, meta
 
     @classmethod
@@ -353,8 +383,9 @@ class RunState:
         except KeyError as exc:
             raise CheckpointError(f"the checkpoint lacks the probe tensor {exc} of an earlier task") from None
         change = meta["max_change"]
+        routing = None if meta.get("routing") is None else RoutingRecord.from_checkpoint(tensors, meta["routing"])
         return cls([list(r) for r in meta["rows"]], probes, meta["capacity"], meta["reuse"],
-                   list(meta["seconds"]), math.inf if change == "inf" else float(change))
+                   list(meta["seconds"]), math.inf if change == "inf" else float(change), routing)
 
 
 def check_task(task: TaskData, t: int, head_classes: int | None = None) -> None:
@@ -432,6 +463,7 @@ class Trainer:
                 raise ConfigError(f"single head: task {t} ('{benchmark.tasks[t].name}') has "
                                   f"{benchmark.tasks[t].num_classes} classes but the shared output layer "
                                   f"has {net.head_weight.shape[0]}; every task needs the same number")
+        self._begin_routing(benchmark, state)
         progress = _progress() if cfg.progress else None
         with progress or nullcontext():
             for t in range(state.tasks_done, T):
@@ -443,14 +475,65 @@ class Trainer:
                 method.train_task(session)
                 method.end_task(session)
                 self._record(net, benchmark, t, state)
+                if state.routing is not None:
+                    self._record_routing(net, benchmark, t, state.routing, state.probes)
                 state.seconds.append(time.perf_counter() - start)
                 if progress is not None:
                     row = " ".join(f"{a:.3f}" for a in state.rows[t])
                     progress.console.log(f"task {t} done in {state.seconds[-1]:.1f}s; accuracy {row}")
+                    if state.routing is not None:
+                        routed = " ".join(f"{a:.3f}" for a in state.routing.rows[t])
+                        progress.console.log(f"task {t}: routed ({cfg.routing}) accuracy {routed}")
                 if on_task_end is not None:
                     on_task_end(net, state)
         return RunResult(state.matrix(T), state.max_change, state.capacity, state.seconds, asdict(cfg),
-                         state.reuse, method.name, benchmark.name, dict(benchmark.info))
+                         state.reuse, method.name, benchmark.name, dict(benchmark.info),
+                         None if state.routing is None else state.routing.to_dict(T))
+
+    def _begin_routing(self, benchmark: Benchmark, state: RunState) -> None:
+        """Check that routing can run on the benchmark (one input pipeline) before any training,
+        and start its record; steps measured with another routing (a saved run extended with
+        ``--from``) are kept as ``None``."""
+        cfg = self.config
+        if cfg.routing == "oracle":
+            state.routing = None
+            return
+        common_prepare(benchmark.tasks)
+        buffer = cfg.router_buffer if cfg.routing == "classifier" else None
+        rec = state.routing
+        if rec is None or (rec.mode, rec.buffer_per_task) != (cfg.routing, buffer) or len(rec.rows) != state.tasks_done:
+            n = state.tasks_done
+            state.routing = RoutingRecord(cfg.routing, buffer, [None] * n, [None] * n, [], [None] * n)
+
+    def _record_routing(self, net: ContinualNetwork, benchmark: Benchmark, t: int, rec: RoutingRecord,
+                        probes: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Task-agnostic evaluation after task t, in addition to the oracle one: refit the task
+        router (classifier mode) on the kept samples of tasks 0..t and check on the probe batches
+        that its units leave every task's logits bitwise as they are, then route every seen
+        task's test set. Draws from no RNG that the rest of the run uses."""
+        cfg = self.config
+        start = time.perf_counter()
+        seen = benchmark.tasks[: t + 1]
+        routing_net = net
+        if cfg.routing == "classifier":
+            free = free_units_of(self.method) if cfg.router_free_units else None
+            rec.router = fit_router(net, seen, ExemplarBuffer(cfg.router_buffer, cfg.seed), cfg.router_epochs,
+                                    cfg.router_lr, cfg.batch_size, cfg.seed, cfg.device, cfg.router_hidden,
+                                    free, cfg.eval_batch_size)
+            routing_net = rec.router.install(net)
+            if routing_net is not net:  # the router's units must not reach any task's logits
+                for i, (px, _) in enumerate(probes):
+                    now = predict(routing_net, px, i, cfg.eval_batch_size, cfg.device, seen[i].prepare).cpu()
+                    logits = predict(net, px, i, cfg.eval_batch_size, cfg.device, seen[i].prepare).cpu()
+                    if not torch.equal(now, logits):
+                        raise ForgettingError(
+                            f"the task router's units changed the logits of task {i} (largest absolute change "
+                            f"{float((now - logits).abs().max()):g}); a task reads a unit no task owns")
+        result = evaluate_routing(routing_net, seen, cfg.routing, rec.router, cfg.eval_batch_size, cfg.device)
+        rec.rows.append(result.routed)
+        rec.routing_rows.append(result.routing)
+        rec.per_class = result.per_class
+        rec.seconds.append(time.perf_counter() - start)
 
     def _record(self, net: ContinualNetwork, benchmark: Benchmark, t: int, state: RunState) -> None:
         """Row t of the accuracy matrix, the bitwise check of every earlier task, capacity."""
