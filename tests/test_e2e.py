@@ -59,6 +59,9 @@ def test_conv_nets_on_real_split_cifar100_through_the_cli(data_root, tmp_path):
     rows = json.loads((tmp_path / "e.json").read_text())["tasks"]
     assert [r["accuracy"] for r in rows] == metrics["accuracy_matrix"][-1]
 
+    other = CliRunner().invoke(main, ["eval", str(out), "--data-root", str(data_root), "--benchmark",
+                                      "split-cifar100", "--tasks", "2", "--no-normalize"])
+    assert other.exit_code != 0 and "use --normalize/--no-normalize as in training" in other.output
     ckpt = load_checkpoint(out)
     net, _, _ = restore(ckpt)
     net.eval()

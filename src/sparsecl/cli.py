@@ -226,6 +226,9 @@ def _model_options(options: dict, given: set[str]) -> dict:
 @click.option("--seed", type=int, default=0, show_default=True, help="--benchmark's seed (permutations, class order)")
 @click.option("--permute-first", is_flag=True, default=None, help="permuted-mnist: permute task 0 too")
 @click.option("--max-test-per-task", type=int, default=None, help="seeded subset of each task's test set")
+@click.option("--classes-per-task", type=int, default=None, help="split-cifar100: classes per task [default: 10]")
+@click.option("--normalize/--no-normalize", default=None,
+              help="CIFAR benchmarks: per-channel normalization, as the model was trained [default: on]")
 @click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--download", is_flag=True, default=None)
 @click.option("--device", default="cpu", show_default=True)
@@ -234,8 +237,8 @@ def _model_options(options: dict, given: set[str]) -> dict:
                    "task router the run saved with --routing classifier)")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="also write the accuracies to this JSON file")
-def evaluate(checkpoint, benchmark, num_tasks, seed, permute_first, max_test_per_task, data_root, download,
-             device, routing, json_out) -> None:
+def evaluate(checkpoint, benchmark, num_tasks, seed, permute_first, max_test_per_task, classes_per_task,
+             normalize, data_root, download, device, routing, json_out) -> None:
     """Test accuracy of every task of a saved model (CHECKPOINT: a checkpoint file or run folder);
     with --routing, also without task ids."""
     ctx = click.get_current_context()
@@ -253,7 +256,8 @@ def evaluate(checkpoint, benchmark, num_tasks, seed, permute_first, max_test_per
                                   "--routing entropy needs none")
             router.to(device)
         if benchmark is None:
-            only_with = [k for k in ("num_tasks", "seed", "permute_first", "max_test_per_task")
+            only_with = [k for k in ("num_tasks", "seed", "permute_first", "max_test_per_task",
+                                     "classes_per_task", "normalize")
                          if ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT]
             if only_with:
                 raise ConfigError(f"{_flags(ctx, only_with)} select(s) the tasks of --benchmark; without it the "
@@ -262,9 +266,17 @@ def evaluate(checkpoint, benchmark, num_tasks, seed, permute_first, max_test_per
             bench = dataclasses.replace(bench, tasks=bench.tasks[: net.num_tasks])  # an interrupted run
         else:
             options = {k: v for k, v in dict(num_tasks=num_tasks, permute_first=permute_first,
-                                             max_test_per_task=max_test_per_task, data_root=data_root,
+                                             max_test_per_task=max_test_per_task, classes_per_task=classes_per_task,
+                                             normalize=normalize, data_root=data_root,
                                              download=download).items() if v is not None}
             bench = load_benchmark(benchmark, seed=seed, **options)
+        saved_norms = ckpt.manifest.get("normalize") or [None] * net.num_tasks
+        for i, task in enumerate(bench.tasks[: net.num_tasks]):
+            got = None if task.normalize is None else [list(task.normalize[0]), list(task.normalize[1])]
+            if got != saved_norms[i]:
+                raise ConfigError(f"task {i} of benchmark '{bench.name}' normalizes its inputs with {got}, but "
+                                  f"{ckpt.path} was trained with {saved_norms[i]}; use --normalize/--no-normalize "
+                                  "as in training")
         saved_shape = tuple(ckpt.manifest["input_shape"])
         if tuple(bench.input_shape) != saved_shape:
             raise ConfigError(f"benchmark '{bench.name}' has inputs of shape {tuple(bench.input_shape)}, but "
