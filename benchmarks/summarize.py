@@ -1,5 +1,6 @@
 """Print one Markdown table row per run folder: method, ACC, BWT, max logit change, capacity
-used per layer after the last task, wall time per task. Usage:
+used after the last task (per layer, or the mean and range over many layers), wall time per
+task. Usage:
     python benchmarks/summarize.py runs/cifar100-alexnet-like-*"""
 
 from __future__ import annotations
@@ -13,7 +14,12 @@ from pathlib import Path
 def row(run_dir: Path) -> str:
     m = json.loads((Path(run_dir) / "metrics.json").read_text())
     bwt = "—" if m["bwt"] is None else f"{100 * m['bwt']:+.2f}"
-    capacity = ", ".join(f"{name} {100 * used[-1]:.0f}%" for name, used in m["capacity"].items()) or "—"
+    last = {name: used[-1] for name, used in m["capacity"].items()}
+    if len(last) <= 6:
+        capacity = ", ".join(f"{name} {100 * u:.0f}%" for name, u in last.items()) or "—"
+    else:
+        capacity = (f"mean {100 * statistics.mean(last.values()):.0f}% over {len(last)} layers "
+                    f"({100 * min(last.values()):.0f}–{100 * max(last.values()):.0f}%)")
     per_task = statistics.mean(m["seconds_per_task"])
     return (f"| {m['method']} | {100 * m['acc']:.2f} | {bwt} | {m['max_logit_change']} | {capacity} "
             f"| {per_task / 60:.1f} min |")
