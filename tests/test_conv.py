@@ -298,14 +298,20 @@ def test_a_full_group_stops_the_run_unless_the_task_may_reuse_it():
         assert result.accuracy_matrix[1][1] > 0.45  # its head learned on task 0's features (chance 1/3)
 
 
-@torch.no_grad()
-def test_pruned_channels_output_exact_zeros_in_train_and_eval_mode():
+def _tiny_resnet_in_task0():
+    """A seeded TinyResNet with EideticNets set up and task 0 begun (nothing trained)."""
     torch.manual_seed(0)
     net = ContinualNetwork(TinyResNet())
     method = EideticNets(EideticConfig())
     method.setup(net)
     net.add_head(3)
     method.begin_task(net, 0, None)
+    return net, method
+
+
+@torch.no_grad()
+def test_pruned_channels_output_exact_zeros_in_train_and_eval_mode():
+    net, method = _tiny_resnet_in_task0()
     method.prune(net, 0, {"stem": torch.tensor([True, False] * 4), "d2": torch.zeros(16, dtype=torch.bool)})
     seen = {}
     net.body.get_submodule("c1").register_forward_pre_hook(lambda m, i: seen.setdefault(m.training, i[0]))
@@ -365,12 +371,7 @@ def test_activation_scores_read_a_residual_stream_at_every_depth():
 
 @torch.no_grad()
 def test_export_keeps_a_block_whose_units_the_task_pruned_entirely():
-    torch.manual_seed(0)
-    net = ContinualNetwork(TinyResNet())
-    method = EideticNets(EideticConfig())
-    method.setup(net)
-    net.add_head(3)
-    method.begin_task(net, 0, None)
+    net, method = _tiny_resnet_in_task0()
     method.prune(net, 0, {"c1": torch.ones(8, dtype=torch.bool)})  # the identity block does nothing
     method.freeze(net, 0)
     net.eval()

@@ -22,7 +22,8 @@ from .export import export_task
 from .errors import ConfigError, SparseCLError
 from .methods import METHODS
 from .models import MODELS
-from .runs import CheckpointWriter, RunSpec, build_method, build_network, build_stream, restore, spec_of
+from .runs import (CheckpointWriter, RunSpec, build_method, build_network, build_stream, normalization_record,
+                   restore, spec_of)
 from .routing import ROUTING_MODES, evaluate_routing
 from .trainer import OPTIMIZERS, RunResult, TrainConfig, Trainer, accuracy, check_task
 
@@ -272,7 +273,7 @@ def evaluate(checkpoint, benchmark, num_tasks, seed, permute_first, max_test_per
             bench = load_benchmark(benchmark, seed=seed, **options)
         saved_norms = ckpt.manifest.get("normalize") or [None] * net.num_tasks
         for i, task in enumerate(bench.tasks[: net.num_tasks]):
-            got = None if task.normalize is None else [list(task.normalize[0]), list(task.normalize[1])]
+            got = normalization_record(task.normalize)
             if got != saved_norms[i]:
                 raise ConfigError(f"task {i} of benchmark '{bench.name}' normalizes its inputs with {got}, but "
                                   f"{ckpt.path} was trained with {saved_norms[i]}; use --normalize/--no-normalize "

@@ -21,6 +21,7 @@ from torch import nn
 
 from .atomic import write_atomic
 from .errors import ConfigError
+from .graph import units_read
 from .network import ContinualNetwork
 
 
@@ -52,10 +53,9 @@ def needed_units(net: ContinualNetwork, task: int) -> dict[str, torch.Tensor]:
     needed = {name: torch.zeros(g.num_units, dtype=torch.bool) for name, g in graph.groups.items()}
     if graph.head_source is not None:
         w = net.head_weight if net.single_head else net.heads[task].weight
-        cols = (w != 0).any(0).cpu()
-        if net.single_head:
-            cols &= net.heads[task].mask.cpu()
-        needed[graph.head_source] = _units_of(cols, graph.head_fan)
+        if net.single_head:  # the other tasks' columns of the shared head are not task t's
+            w = w.masked_fill(~net.heads[task].mask, 0.0)
+        needed[graph.head_source] = units_read(w, torch.ones(w.shape[0], dtype=torch.bool), graph.head_fan)
     # A group coupled by residual adds spans several depths, so one backward sweep can reach a
     # member before all of the group's readers: sweep until nothing changes (masks only grow).
     changed = True
@@ -64,17 +64,11 @@ def needed_units(net: ContinualNetwork, task: int) -> dict[str, torch.Tensor]:
         for layer in reversed(list(graph.layers.values())):  # layers are in topological order
             if layer.source is None:
                 continue
-            w = layer.module.weight
-            rows = needed[layer.group].to(w.device)
-            reads = _units_of((w[rows] != 0).transpose(0, 1).flatten(1).any(1).cpu(), layer.fan)
+            reads = units_read(layer.module.weight, needed[layer.group], layer.fan)
             grown = needed[layer.source] | reads
             if not torch.equal(grown, needed[layer.source]):
                 needed[layer.source], changed = grown, True
     return needed
-
-
-def _units_of(columns: torch.Tensor, fan: int) -> torch.Tensor:
-    return columns.view(-1, fan).any(1) if fan > 1 else columns
 
 
 def _sliced(module: nn.Module, rows: torch.Tensor, cols: torch.Tensor) -> nn.Module:

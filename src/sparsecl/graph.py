@@ -80,6 +80,14 @@ class UnitLayer:
         return units.repeat_interleave(self.fan) if self.fan > 1 else units
 
 
+def units_read(weight: torch.Tensor, rows: torch.Tensor, fan: int = 1) -> torch.Tensor:
+    """Bool mask ``(source units,)``, on the CPU, of the source units that ``weight``'s ``rows``
+    (bool ``(out,)``) read through a nonzero entry; ``fan`` input columns per source unit (the
+    inverse of ``UnitLayer.columns``)."""
+    columns = (weight[rows.to(weight.device)] != 0).transpose(0, 1).flatten(1).any(1).cpu()
+    return columns.view(-1, fan).any(1) if fan > 1 else columns
+
+
 @dataclass(frozen=True)
 class UnitGroup:
     """Units owned, pruned and frozen together: the same-index output units of ``layers``

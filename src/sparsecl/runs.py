@@ -104,6 +104,12 @@ def build_network(spec: RunSpec, bench: Benchmark) -> ContinualNetwork:
     return ContinualNetwork(model, single_head=spec.model["single_head"])
 
 
+def normalization_record(normalize) -> list | None:
+    """A task's ``TaskData.normalize`` as the checkpoint manifest keeps it: ``[mean, std]``
+    lists, or ``None``."""
+    return None if normalize is None else [list(normalize[0]), list(normalize[1])]
+
+
 class CheckpointWriter:
     """``on_task_end`` callback of ``Trainer.fit``: writes the run's checkpoint to ``path`` after
     every task, atomically replacing the previous one. ``normalize``: each task's per-channel
@@ -114,7 +120,7 @@ class CheckpointWriter:
         self.path, self.spec, self.method = Path(path), spec, method
         self.input_shape, self.num_tasks = list(input_shape), num_tasks
         self.device = torch.device(device).type
-        self.normalize = [None if n is None else [list(n[0]), list(n[1])] for n in normalize or [None] * num_tasks]
+        self.normalize = [normalization_record(n) for n in normalize or [None] * num_tasks]
 
     def __call__(self, net: ContinualNetwork, state: RunState) -> None:
         method_tensors, method_meta = self.method.state()

@@ -36,6 +36,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError, UnsupportedModelError
 from ..freeze import Freezer
+from ..graph import units_read
 from ..ledger import FREE, CapacityLedger
 from ..norm import reset_channels
 from .base import Method
@@ -124,10 +125,10 @@ class NeuronIsolation(Method):
             read = torch.zeros_like(old)
             for reader in net.graph.readers(name):
                 layer = net.graph.layers[reader]
-                read |= _unit_reads(layer.module.weight, self.ledger.owned_by(layer.group, t), layer.fan)
+                read |= units_read(layer.module.weight, self.ledger.owned_by(layer.group, t), layer.fan)
             if name == net.graph.head_source and not net.single_head:
                 w = net.heads[t].weight
-                read |= _unit_reads(w, torch.ones(w.shape[0], dtype=torch.bool), net.graph.head_fan)
+                read |= units_read(w, torch.ones(w.shape[0], dtype=torch.bool), net.graph.head_fan)
             report[name] = {"units": group.num_units, "owned": int(self.ledger.owned_by(name, t).sum()),
                             "free": int(self.ledger.free(name).sum()), "reused": int((read & old).sum())}
         return report
@@ -291,12 +292,3 @@ def _rows(mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def _cols(mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """A mask over dim 1 of ``weight``, shaped to broadcast against it."""
     return mask.view(1, -1, *([1] * (weight.dim() - 2)))
-
-
-@torch.no_grad()
-def _unit_reads(weight: torch.Tensor, rows: torch.Tensor, fan: int) -> torch.Tensor:
-    """Bool mask ``(source units,)`` of the source units that ``weight``'s ``rows`` read through
-    a nonzero entry (``fan`` columns per source unit), on the CPU."""
-    nonzero = weight[rows.to(weight.device)] != 0
-    cols = nonzero.transpose(0, 1).flatten(1).any(1).cpu()
-    return cols.view(-1, fan).any(1) if fan > 1 else cols
