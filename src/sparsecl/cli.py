@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from . import distributed
 from .atomic import write_json_atomic
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint
 from .data import load_benchmark
@@ -116,12 +117,30 @@ _ROUTER_OPTIONS = ("router_buffer", "router_epochs", "router_lr", "router_hidden
               help="learn the tasks of --benchmark on the model saved in this checkpoint (file or run folder), "
                    "after its own tasks")
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--dist-backend", type=click.Choice(distributed.BACKENDS), default=None,
+              help="under torchrun: the process group's backend [default: nccl with --device cuda, else gloo]")
 @_method_options
-def run(data_root, download, device, out, resume, from_checkpoint, progress, **options) -> None:
+def run(data_root, download, device, out, resume, from_checkpoint, progress, dist_backend, **options) -> None:
     """Train METHOD on the tasks of BENCHMARK, one after another, and report the accuracy matrix,
     ACC, BWT, forgetting, the largest change of an earlier task's logits and the capacity used.
     With --out, a checkpoint is written after every task: --resume continues an interrupted run
-    bit for bit, --from adds new tasks to a trained model."""
+    bit for bit, --from adds new tasks to a trained model.
+
+    Launched by torchrun (torchrun --nproc_per_node=N -m sparsecl run ...), it trains data-parallel
+    with DDP: --batch-size is the global batch, and only rank 0 writes files and prints."""
+    try:
+        world, device = distributed.init_from_env(device, dist_backend)
+    except SparseCLError as exc:
+        raise click.ClickException(str(exc)) from exc
+    try:
+        _run(world, data_root, download, device, out, resume, from_checkpoint, progress, options)
+    finally:
+        distributed.shutdown(world)
+
+
+def _run(world, data_root, download, device, out, resume, from_checkpoint, progress, options) -> None:
+    main_rank = world is None or world.is_main
+    progress = progress and main_rank
     if progress:
         logging.basicConfig(level=logging.INFO, format="%(message)s",
                             handlers=[RichHandler(show_path=False)])
@@ -137,25 +156,33 @@ def run(data_root, download, device, out, resume, from_checkpoint, progress, **o
             out = resume
         spec, ckpt = _spec(options, given, resume, from_checkpoint)  # a bad checkpoint fails here
         config = spec.train_config(device, progress)  # bad training options fail before any work
-        if out is not None:  # fail before training, not after it, if the results cannot be written
+        if world is not None:
+            distributed.local_batch_size(config.batch_size, world)
+        if out is not None and main_rank:  # fail before training, not after it, if the results cannot be written
             _prepare_out(Path(out))
+        if not main_rank:
+            distributed.barrier(world)  # rank 0 downloads missing files first
         bench = build_stream(spec, data_root, download)
+        if main_rank:
+            distributed.barrier(world)
         if ckpt is None:
             net, method_obj, state = build_network(spec, bench), build_method(spec.method, spec.method_options), None
         else:
             net, method_obj, state = restore(ckpt, spec, continue_on=device)
             if state.tasks_done >= bench.num_tasks:
                 click.echo(f"the run in {ckpt.path.parent} has finished all {bench.num_tasks} tasks")
-        writer = None if out is None else CheckpointWriter(Path(out) / CHECKPOINT_NAME, spec, method_obj,
+        writer = None if out is None or not main_rank else CheckpointWriter(Path(out) / CHECKPOINT_NAME, spec, method_obj,
                                                            bench.input_shape, bench.num_tasks, device,
                                                            [t.normalize for t in bench.tasks])
-        result = Trainer(method_obj, config).fit(net, bench, state, writer)
+        result = Trainer(method_obj, config, world).fit(net, bench, state, writer)
     except SparseCLError as exc:
         raise click.ClickException(str(exc)) from exc
+    if not main_rank:
+        return
     result_dict = result.to_dict()
     result_dict["config"].update(
         method=spec.method, benchmark=bench.name, model=spec.model["name"], **spec.model["options"],
-        single_head=spec.model["single_head"], stream=spec.stream,
+        single_head=spec.model["single_head"], stream=spec.stream, world_size=1 if world is None else world.size,
         method_options=dataclasses.asdict(method_obj.config) if hasattr(method_obj, "config") else {})
     if hasattr(method_obj, "log"):
         result_dict["method_log"] = method_obj.log

@@ -15,9 +15,10 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
-from . import metrics
+from . import distributed, metrics
 from .data.augment import random_crop_flip
 from .data.types import Benchmark, TaskData
+from .distributed import World
 from .errors import CheckpointError, ConfigError, DivergenceError, ForgettingError
 from .methods.base import Method
 from .network import ContinualNetwork
@@ -105,11 +106,27 @@ def _seeded_generator(*key) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
+class MethodLoss(nn.Module):
+    """The method's training loss of a batch as a module: what DDP wraps, so that the backward
+    pass of ``method.loss`` all-reduces the gradients of every parameter of ``net``."""
+
+    def __init__(self, net: ContinualNetwork, method: Method):
+        super().__init__()
+        self.net = net
+        self.method = method  # not a module: its state stays out of DDP's parameters
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, tasks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.method.loss(self.net, x, y, tasks)
+
+
 def training_step(net: ContinualNetwork, method: Method, optimizer: torch.optim.Optimizer,
-                  x: torch.Tensor, y: torch.Tensor, tasks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step through the method's hooks; returns ``(loss, correct)`` (detached)."""
+                  x: torch.Tensor, y: torch.Tensor, tasks: torch.Tensor,
+                  forward: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step through the method's hooks; returns ``(loss, correct)`` (detached).
+    ``forward``: the module computing the loss, when not ``method.loss`` itself (a DDP-wrapped
+    ``MethodLoss``)."""
     optimizer.zero_grad(set_to_none=True)
-    loss, correct = method.loss(net, x, y, tasks)
+    loss, correct = forward(x, y, tasks) if forward is not None else method.loss(net, x, y, tasks)
     loss.backward()
     method.before_step(net)
     optimizer.step()
@@ -134,12 +151,20 @@ def predict(net: ContinualNetwork, x: torch.Tensor, task: int, batch_size: int, 
 
 
 def accuracy(net: ContinualNetwork, x: torch.Tensor, y: torch.Tensor, task: int,
-             batch_size: int, device: str, prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+             batch_size: int, device: str, prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             world: World | None = None) -> float:
     """Fraction of ``x`` classified as ``y`` by task ``task``'s head (eval mode); ``prepare`` as
-    in :func:`predict` (pass the task's ``TaskData.prepare``)."""
+    in :func:`predict` (pass the task's ``TaskData.prepare``). With ``world``, each rank
+    measures its shard and the correct counts are summed: every rank returns the same value."""
     if len(x) == 0:
         raise ConfigError(f"cannot measure accuracy of task {task} on an empty set")
-    return float((predict(net, x, task, batch_size, device, prepare).argmax(1).cpu() == y).float().mean())
+    if world is None:
+        return int((predict(net, x, task, batch_size, device, prepare).argmax(1).cpu() == y).sum()) / len(x)
+    part = distributed.shard(len(x), world)
+    correct = 0
+    if part.stop > part.start:
+        correct = int((predict(net, x[part], task, batch_size, device, prepare).argmax(1).cpu() == y[part]).sum())
+    return float(distributed.all_reduce_sum(torch.tensor(correct, dtype=torch.float64), world)) / len(x)
 
 
 @dataclass
@@ -157,15 +182,25 @@ class TaskSession:
     batches of a task with ``augment`` (drawn from ``aug_generator``, seeded from
     ``(config.seed, t)`` and separate from the shuffling ``generator``, so turning augmentation on
     or off does not change the sample order), then the task's ``prepare`` (scaling and
-    normalization)."""
+    normalization).
+
+    With ``world`` (data-parallel, ``sparsecl.distributed``), the training passes are split
+    between ranks by a ``DistributedSampler`` (``config.batch_size`` is the global batch), the
+    loss goes through DDP, the epoch statistics and the accuracy measurements are summed over
+    ranks, and every other pass (scoring, measurement) runs whole on every rank, so that the
+    method's decisions are the same everywhere."""
 
     def __init__(self, net: ContinualNetwork, method: Method, t: int, seen: list[TaskData],
-                 config: TrainConfig, progress: Progress | None):
+                 config: TrainConfig, progress: Progress | None, world: World | None = None):
         self.net, self.method, self.t, self.seen, self.config = net, method, t, seen, config
         self.task = seen[t]
+        self.world = world
         self.optimizer = make_optimizer(list(method.parameters(net, t)), config)
         self.generator = torch.Generator().manual_seed(config.seed * 1_000_003 + t)
-        self.aug_generator = _seeded_generator("augment", int(config.seed), int(t))
+        self.aug_generator = _seeded_generator("augment", int(config.seed), int(t),
+                                               *(() if world is None else (world.rank,)))
+        self._forward = None if world is None else distributed.wrap(MethodLoss(net, method))
+        self._passes = 0  # shuffled passes so far: the DistributedSampler's epoch
         self.epochs_trained = 0
         self._progress = progress
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -188,13 +223,24 @@ class TaskSession:
             raise ConfigError(f"task {self.t} ('{self.task.name}') has no {split} samples")
         if augment is None:
             augment = split == "train" and shuffle
-        n, bs = len(x), batch_size or self.config.batch_size
-        order = torch.randperm(n, generator=self.generator) if shuffle else torch.arange(n)
         dev = self.config.device
-        for i in range(0, n, bs):
-            idx = order[i:i + bs]
+        for idx in self._order(len(x), batch_size or self.config.batch_size, shuffle):
             bids = ids[idx].to(dev)
             yield self._prepare(tasks, x[idx].to(dev), bids, augment), y[idx].to(dev), bids
+
+    def _order(self, n: int, batch_size: int, shuffle: bool) -> Iterator[torch.Tensor]:
+        """Index batches of one pass: this rank's share of each global batch in a data-parallel
+        shuffled pass, else every index (shuffled with the session's generator or in order)."""
+        if shuffle and self.world is not None:
+            order, self._real = distributed.sampler_indices(n, self.world, self.config.seed * 1_000_003 + self.t,
+                                                            self._passes)
+            batch_size = distributed.local_batch_size(batch_size, self.world)
+        else:
+            order = torch.randperm(n, generator=self.generator) if shuffle else torch.arange(n)
+            self._real = None
+        self._passes += shuffle
+        for i in range(0, len(order), batch_size):
+            yield order[i:i + batch_size]
 
     def _prepare(self, tasks: tuple[TaskData, ...], x: torch.Tensor, ids: torch.Tensor,
                  augment: bool) -> torch.Tensor:
@@ -236,7 +282,7 @@ class TaskSession:
         """One pass over the training data of ``tasks`` (default: the current task)."""
         self.net.train()
         total_loss = torch.zeros(())
-        correct = seen = 0
+        correct = seen = offset = 0
         batches = self.batches(tasks)
         bar = None
         if self._progress is not None:
@@ -244,7 +290,11 @@ class TaskSession:
             bar = self._progress.add_task(f"task {self.t} epoch {self.epochs_trained + 1}",
                                           total=-(-n // self.config.batch_size))
         for step, (x, y, ids) in enumerate(batches, 1):
-            loss, ok = training_step(self.net, self.method, self.optimizer, x, y, ids)
+            loss, ok = training_step(self.net, self.method, self.optimizer, x, y, ids, self._forward)
+            n, hits = len(y), int(ok.sum())
+            if self.world is not None:  # every rank sees the global loss, so all stop together
+                loss, hits, n = self._global_step_stats(loss, ok, offset)
+                offset += len(y)
             if not torch.isfinite(loss):
                 # Stop here, before a non-finite unit could reach an earlier task through an exact
                 # zero weight (0 * nan = nan) and be mistaken for forgetting.
@@ -252,15 +302,26 @@ class TaskSession:
                     f"task {self.t}: the training loss became {float(loss)} at step {step} of epoch "
                     f"{self.epochs_trained + 1}; the task was stopped (a checkpoint written after the "
                     "last completed task is intact); lower --lr or check the data")
-            total_loss += loss.cpu() * len(y)
-            correct += int(ok.sum())
-            seen += len(y)
+            total_loss += loss.cpu() * n
+            correct += hits
+            seen += n
             if bar is not None:
                 self._progress.advance(bar)
         if bar is not None:
             self._progress.remove_task(bar)
+        if self.world is not None:
+            distributed.broadcast_buffers(self.net, self.world)
         self.epochs_trained += 1
         return EpochStats(float(total_loss) / seen, correct / seen)
+
+    def _global_step_stats(self, loss: torch.Tensor, ok: torch.Tensor, offset: int) -> tuple[torch.Tensor, int, int]:
+        """``(mean loss, correct, samples)`` of a step over all ranks; the sampler's padded
+        repeats (positions ``offset ..`` of this rank's pass) are left out of the counts."""
+        real = self._real[offset:offset + len(ok)].to(ok.device)
+        n = int(real.sum())
+        total = distributed.all_reduce_sum(torch.tensor([float(loss) * n, float((ok & real).sum()), float(n)],
+                                                        dtype=torch.float64), self.world)
+        return (total[0] / total[2]).float(), int(total[1]), int(total[2])
 
     def fit(self, epochs: int, tasks: Sequence[TaskData] | None = None) -> list[EpochStats]:
         return [self.train_epoch(tasks) for _ in range(epochs)]
@@ -270,7 +331,7 @@ class TaskSession:
         the split's first ``max_samples`` samples (default: all)."""
         x, y = getattr(self.task, f"{split}_x"), getattr(self.task, f"{split}_y")
         return accuracy(self.net, x[:max_samples], y[:max_samples], self.t,
-                        self.config.eval_batch_size, self.config.device, self.task.prepare)
+                        self.config.eval_batch_size, self.config.device, self.task.prepare, self.world)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -416,11 +477,17 @@ class Trainer:
     i <= t, re-evaluated, never copied forward) and compares every earlier task's logits on its
     probe batch with those recorded when that task ended. Any difference is reported as
     ``max_logit_change``; for a method with ``isolates = True`` it raises ``ForgettingError``.
+
+    ``world``: this process's place in a data-parallel run launched by torchrun
+    (``sparsecl.distributed``); ``None`` trains in one process. After every task the ranks'
+    networks, method states and ledgers are compared by checksum (``DistributedStateError`` if
+    they differ).
     """
 
-    def __init__(self, method: Method, config: TrainConfig | None = None):
+    def __init__(self, method: Method, config: TrainConfig | None = None, world: World | None = None):
         self.method = method
         self.config = config or TrainConfig()
+        self.world = world
 
     def fit(self, model: nn.Module | ContinualNetwork, benchmark: Benchmark, state: RunState | None = None,
             on_task_end: Callable[[ContinualNetwork, RunState], None] | None = None) -> RunResult:
@@ -471,12 +538,14 @@ class Trainer:
                 start = time.perf_counter()
                 net.add_head(task.num_classes)
                 method.begin_task(net, t, task)
-                session = TaskSession(net, method, t, benchmark.tasks[: t + 1], cfg, progress)
+                session = TaskSession(net, method, t, benchmark.tasks[: t + 1], cfg, progress, self.world)
                 method.train_task(session)
                 method.end_task(session)
                 self._record(net, benchmark, t, state)
                 if state.routing is not None:
                     self._record_routing(net, benchmark, t, state.routing, state.probes)
+                if self.world is not None:
+                    self._check_ranks(net, t)
                 state.seconds.append(time.perf_counter() - start)
                 if progress is not None:
                     row = " ".join(f"{a:.3f}" for a in state.rows[t])
@@ -535,6 +604,14 @@ class Trainer:
         rec.per_class = result.per_class
         rec.seconds.append(time.perf_counter() - start)
 
+    def _check_ranks(self, net: ContinualNetwork, t: int) -> None:
+        """Every rank must hold the same network (parameters and buffers), method state and
+        ledger after task t: selection and pruning are computed on every rank, never sent."""
+        tensors, meta = self.method.state()
+        checksum = distributed.state_checksum({**{f"net.{k}": v for k, v in net.state_dict().items()},
+                                               **{f"method.{k}": v for k, v in tensors.items()}}, meta)
+        distributed.check_identical(checksum, self.world, f"after task {t}")
+
     def _record(self, net: ContinualNetwork, benchmark: Benchmark, t: int, state: RunState) -> None:
         """Row t of the accuracy matrix, the bitwise check of every earlier task, capacity."""
         cfg, method = self.config, self.method
@@ -542,8 +619,8 @@ class Trainer:
         probe_x = benchmark.tasks[t].test_x[: cfg.probe_size]
         state.probes.append((probe_x, predict(net, probe_x, t, cfg.eval_batch_size, cfg.device,
                                               benchmark.tasks[t].prepare).cpu()))
-        state.rows.append([accuracy(net, prev.test_x, prev.test_y, i, cfg.eval_batch_size, cfg.device, prev.prepare)
-                           for i, prev in enumerate(benchmark.tasks[: t + 1])])
+        state.rows.append([accuracy(net, prev.test_x, prev.test_y, i, cfg.eval_batch_size, cfg.device, prev.prepare,
+                                    self.world) for i, prev in enumerate(benchmark.tasks[: t + 1])])
         for i, (px, logits) in enumerate(state.probes[:-1]):
             now = predict(net, px, i, cfg.eval_batch_size, cfg.device, benchmark.tasks[i].prepare).cpu()
             change = float((now - logits).abs().max())
