@@ -7,7 +7,6 @@ CIFAR-10 is not in the shared data folder: the tests write small files in its of
 
 from __future__ import annotations
 
-import functools
 import pickle
 from pathlib import Path
 

@@ -265,3 +265,27 @@ def test_many_classes_plot_routed_against_oracle(tmp_path):
     write_report(run)
     assert (run / "routing.png").read_bytes().startswith(PNG_SIGNATURE)
     assert "| 2 | 29 | " in (run / "report.md").read_text()  # no "samples": the cell is left empty
+
+
+def test_weight_level_runs_report_weights_and_bits(tmp_path):
+    """A PackNet/WSN/DST metrics.json (reuse counted in weights, bits_per_parameter) gets
+    weight-labelled plots and tables and a bits-per-parameter section; bad bits are refused."""
+    m = fake_metrics(reuse=False)
+    m["reuse"] = {
+        "fc1": {"weights": [100] * 3, "owned": [50, 10, 5], "free": [50, 40, 35], "used": [50] * 3, "reused": [0, 40, 45]},
+    }
+    m["bits_per_parameter"] = {"raw": [1.0, 2.0, 3.0], "coded": [1.01, 1.5, 1.9], "stored": [1.0, 1.5, 1.9],
+                               "entropy": [1.0, 1.45, 1.85]}
+    run = make_run(tmp_path, m)
+    write_report(run)
+    text = (run / "report.md").read_text()
+    assert "## Capacity used (% of weights)" in text and "## Reuse (weights)" in text
+    assert "| fc1 | 1 | 100 | 10 | 40 | 50 | 40 |" in text
+    assert "## Bits per parameter" in text and "| 2 | 3.000 | 1.900 | 1.900 | 1.850 |" in text
+    assert (run / "reuse.png").read_bytes().startswith(PNG_SIGNATURE)
+    m["bits_per_parameter"]["coded"] = [1.0]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "metrics.json").write_text(json.dumps(m))
+    with pytest.raises(ConfigError, match='"bits_per_parameter"'):
+        write_report(bad)

@@ -435,13 +435,19 @@ def _print_summary(result: RunResult) -> None:
     fmt = lambda v: "n/a" if v is None else f"{100 * v:+.2f}"
     console.print(f"ACC {100 * result.acc:.2f}%   BWT {fmt(result.bwt)}   forgetting {fmt(result.forgetting)}   "
                   f"max logit change {result.max_logit_change:g}   time {sum(result.seconds_per_task):.1f}s")
-    cap = Table(title="capacity: fraction of units owned after each task")
+    unit = "weights" if result.bits_per_parameter else "units"
+    cap = Table(title=f"capacity: fraction of each layer's {unit} owned after each task")
     cap.add_column("layer")
     for i in range(len(R)):
         cap.add_column(f"task {i}", justify="right")
     for name, used in result.capacity.items():
         cap.add_row(name, *(f"{u:.3f}" for u in used))
     console.print(cap)
+    bits = result.bits_per_parameter
+    if bits:
+        console.print(f"bits per parameter to run every task: {bits['stored'][-1]:.3f} stored "
+                      f"(raw {bits['raw'][-1]:.3f}, entropy-coded {bits['coded'][-1]:.3f}, "
+                      f"Shannon bound {bits['entropy'][-1]:.3f}); float32 weights: 32")
     if result.routing is not None:
         _print_routing(console, result.routing, R)
 

@@ -1,7 +1,9 @@
 """Export one task's subnetwork as a standalone, physically smaller model.
 
 Task t needs a unit (a neuron or a channel) when a path of nonzero weights leads from it to task
-t's logits: its own units and the earlier tasks' units they read. Everything else (later tasks' units, free and
+t's logits: its own units and the earlier tasks' units they read. With weight-level subnetworks
+the weights are the task's masked weights (``task_body``), so units the task's mask leaves empty
+are dropped. Everything else (later tasks' units, free and
 pruned units, and with a single head the other tasks' final-hidden units) reaches task t only
 through exact zeros, so dropping it changes nothing but the order of the sums (the exported
 logits match the full model's to float rounding). The rule reads only the weights, so it holds
@@ -44,11 +46,18 @@ class TaskModel(nn.Module):
         return self.head(self.body(x))
 
 
-@torch.no_grad()
-def needed_units(net: ContinualNetwork, task: int) -> dict[str, torch.Tensor]:
-    """Per unit group, a bool mask ``(num_units,)`` of the units task ``task``'s logits depend
-    on through nonzero weights (computed from the head backwards)."""
+def task_body(net: ContinualNetwork, task: int) -> nn.Module:
+    """The body that computes task ``task``'s features: the network's own, or with weight-level
+    subnetworks a copy holding the task's masked weights, biases and BatchNorm."""
     net.check_task_id(task)
+    return net.body if net.subnetworks is None else net.subnetworks.materialize(net.body, task)
+
+
+@torch.no_grad()
+def needed_units(net: ContinualNetwork, task: int, body: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Per unit group, a bool mask ``(num_units,)`` of the units task ``task``'s logits depend
+    on through nonzero weights (computed from the head backwards); ``body``: ``task_body``."""
+    body = task_body(net, task) if body is None else body
     graph = net.graph
     needed = {name: torch.zeros(g.num_units, dtype=torch.bool) for name, g in graph.groups.items()}
     if graph.head_source is not None:
@@ -64,7 +73,7 @@ def needed_units(net: ContinualNetwork, task: int) -> dict[str, torch.Tensor]:
         for layer in reversed(list(graph.layers.values())):  # layers are in topological order
             if layer.source is None:
                 continue
-            reads = units_read(layer.module.weight, needed[layer.group], layer.fan)
+            reads = units_read(body.get_submodule(layer.name).weight, needed[layer.group], layer.fan)
             grown = needed[layer.source] | reads
             if not torch.equal(grown, needed[layer.source]):
                 needed[layer.source], changed = grown, True
@@ -105,7 +114,8 @@ def task_model(net: ContinualNetwork, task: int, normalize=None) -> TaskModel:
     Raises:
         ConfigError: ``task`` is out of range.
     """
-    needed = needed_units(net, task)
+    source = task_body(net, task)
+    needed = needed_units(net, task, source)
     graph = net.graph
     for mask in needed.values():
         # A layer of zero units cannot be built; one unit read through exact zeros changes nothing
@@ -118,10 +128,10 @@ def task_model(net: ContinualNetwork, task: int, normalize=None) -> TaskModel:
             cols = layer.columns(needed[layer.source])
         else:
             cols = torch.ones(layer.module.weight.shape[1], dtype=torch.bool)
-        body.set_submodule(name, _sliced(layer.module, needed[layer.group], cols))
+        body.set_submodule(name, _sliced(source.get_submodule(name), needed[layer.group], cols))
     for name, group in graph.groups.items():
         for norm in group.norms:
-            body.set_submodule(norm, _sliced_norm(net.body.get_submodule(norm), needed[name]))
+            body.set_submodule(norm, _sliced_norm(source.get_submodule(norm), needed[name]))
     if graph.head_source is not None:
         cols = graph.head_columns(needed[graph.head_source])
     else:

@@ -17,6 +17,9 @@ import torch
 from torch import nn
 
 
+_FLAT = -1  # entries fixed by flat index (fix_entries)
+
+
 class Freezer:
     """Holds rows or columns of parameters at fixed values, and columns at zero.
 
@@ -47,10 +50,23 @@ class Freezer:
             values = param.detach().index_select(dim, idx).clone() if keep else None
             self._fixed.append((param, dim, idx, values))
 
+    def fix_entries(self, param: nn.Parameter, entries: torch.Tensor) -> None:
+        """Hold the entries of bool mask ``entries`` (``param``'s shape) at their current values:
+        weight-level methods freeze single weights (stored by flat index, so the per-step cost
+        is proportional to the frozen entries)."""
+        if entries.shape != param.shape:
+            raise ValueError(f"freeze entries mask of shape {tuple(entries.shape)} does not match a "
+                             f"parameter of shape {tuple(param.shape)}")
+        if entries.any():
+            idx = entries.reshape(-1).nonzero().flatten().to(param.device)
+            self._fixed.append((param, _FLAT, idx, param.detach().reshape(-1).index_select(0, idx).clone()))
+
     @torch.no_grad()
     def restore(self) -> None:
         for param, dim, idx, values in self._fixed:
-            if values is None:
+            if dim == _FLAT:
+                param.view(-1).index_copy_(0, idx, values)
+            elif values is None:
                 param.index_fill_(dim, idx, 0.0)
             else:
                 param.index_copy_(dim, idx, values)

@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 from .errors import ConfigError
 from .graph import UnitGraph, trace
+from .subnetworks import TaskSubnetworks
 from .widen import WidenedLinear, block_linear
 
 
@@ -55,6 +56,8 @@ class ContinualNetwork(nn.Module):
       width. Without an isolation method the masks stay all-ones: a plain shared head.
 
     The forward pass is the plain dense body (DESIGN §2.5); the only mask is the single head's.
+    Weight-level methods install ``subnetworks`` (``install_subnetworks``): then each task's
+    features come from its own subnetwork of the body (``sparsecl.subnetworks``).
     """
 
     def __init__(self, model: nn.Module, single_head: bool = False):
@@ -65,6 +68,7 @@ class ContinualNetwork(nn.Module):
         self.head_classes: list[int] = []  # number of classes of each task's head
         # Follows .to(): new heads take the device and dtype of the model's final Linear.
         self.register_buffer("_head_like", prototype.weight.new_empty(0), persistent=False)
+        self.subnetworks: TaskSubnetworks | None = None
         if single_head:
             fresh = self.fresh_head(self.graph.head_out_features)
             self.head_weight = nn.Parameter(fresh.weight.detach())
@@ -73,6 +77,24 @@ class ContinualNetwork(nn.Module):
     @property
     def num_tasks(self) -> int:
         return len(self.heads)
+
+    def install_subnetworks(self, mode: str) -> TaskSubnetworks:
+        """Give every task its own weight-level subnetwork of the body (``sparsecl.subnetworks``;
+        ``mode`` "owner" or "masks"); idempotent for the same mode.
+
+        Raises:
+            ConfigError: a single head, heads already added, or another mode already installed.
+        """
+        if self.subnetworks is not None:
+            if self.subnetworks.mode != mode:
+                raise ConfigError(f"the network keeps '{self.subnetworks.mode}' subnetworks, not '{mode}'")
+            return self.subnetworks
+        if self.single_head:
+            raise ConfigError("weight-level methods use one head per task; drop --single-head")
+        if self.num_tasks:
+            raise ConfigError("weight-level subnetworks must be installed before the first task")
+        self.subnetworks = TaskSubnetworks(self.body, self.graph, mode)
+        return self.subnetworks
 
     @property
     def head_features(self) -> int:
@@ -104,6 +126,8 @@ class ContinualNetwork(nn.Module):
             head = MaskedHead(self.head_features, None if bias is None else bias.detach(), self._head_like.device)
         self.heads.append(head)
         self.head_classes.append(num_classes)
+        if self.subnetworks is not None:
+            self.subnetworks.add_task(self.body)
         return head
 
     def structure(self) -> dict:
@@ -119,6 +143,7 @@ class ContinualNetwork(nn.Module):
             "layers": {name: blocks(layer.module) for name, layer in self.graph.layers.items()},
             "heads": None if self.single_head else [blocks(h) for h in self.heads],
             "head_col_ends": list(self.head_col_ends) if self.single_head else None,
+            "subnetworks": None if self.subnetworks is None else self.subnetworks.structure(),
         }
 
     @classmethod
@@ -140,6 +165,8 @@ class ContinualNetwork(nn.Module):
                 module = _blocked(layers[name].module, blocks)
                 net.body.set_submodule(name, module)
                 layers[name] = replace(layers[name], module=module)
+        if structure.get("subnetworks") is not None:
+            net.install_subnetworks(structure["subnetworks"]["mode"])
         if set(layers) != set(structure["layers"]):
             raise ConfigError(f"the model's unit layers {sorted(layers)} differ from the saved "
                               f"network's {sorted(structure['layers'])}")
@@ -161,9 +188,18 @@ class ContinualNetwork(nn.Module):
             yield self.head_weight
         yield from self.heads[task].parameters()
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate features, shape ``(N, head_features)``."""
-        return self.body(x)
+    def features(self, x: torch.Tensor, task: int | None = None) -> torch.Tensor:
+        """Penultimate features, shape ``(N, head_features)``: the body's, or with weight-level
+        subnetworks task ``task``'s.
+
+        Raises:
+            ConfigError: subnetworks are installed and ``task`` is ``None``.
+        """
+        if self.subnetworks is None:
+            return self.body(x)
+        if task is None:
+            raise ConfigError("with weight-level subnetworks every task has its own features: pass the task id")
+        return self.subnetworks.features(self.body, x, task)
 
     def head_logits(self, h: torch.Tensor, task: int) -> torch.Tensor:
         """Task ``task``'s logits ``(N, C_task)`` from features ``h`` ``(N, head_features)``."""
@@ -185,6 +221,8 @@ class ContinualNetwork(nn.Module):
                 plain Linear read by Linears only (convolutions, BatchNorm, residual coupling and
                 flattened reads are not widened).
         """
+        if self.subnetworks is not None:
+            raise ConfigError("layers of a network with weight-level subnetworks are not widened")
         if layer not in self.graph.layers or units < 1:
             raise ConfigError(f"cannot widen layer '{layer}' by {units} units: the unit layers are "
                               f"{', '.join(self.graph.layers)} and at least one unit is needed")
@@ -223,7 +261,7 @@ class ContinualNetwork(nn.Module):
     def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
         """Logits of task ``task``'s head, shape ``(N, num_classes_of_task)``."""
         self.check_task_id(task)
-        return self.head_logits(self.body(x), task)
+        return self.head_logits(self.features(x, task), task)
 
     def task_loss(self, x: torch.Tensor, y: torch.Tensor, tasks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean cross-entropy of a batch whose samples may belong to different tasks.
@@ -232,16 +270,17 @@ class ContinualNetwork(nn.Module):
         sample ``(N,)``. Each sample is scored by its own task's head. Returns ``(loss, correct)``,
         ``correct`` a bool tensor ``(N,)`` telling whether the sample was classified right.
         """
-        h = self.body(x)
         task_ids = tasks.unique()
         if len(task_ids) == 1:
-            logits = self.head_logits(h, int(task_ids[0]))
+            t = int(task_ids[0])
+            logits = self.head_logits(self.features(x, t), t)
             return F.cross_entropy(logits, y), logits.argmax(1) == y
-        loss = h.new_zeros(())
+        h = self.body(x) if self.subnetworks is None else None  # else: each task's own features
+        loss = x.new_zeros((), dtype=torch.float32)
         correct = torch.empty_like(y, dtype=torch.bool)
         for t in task_ids.tolist():
             sel = tasks == t
-            logits = self.head_logits(h[sel], t)
+            logits = self.head_logits(h[sel] if h is not None else self.features(x[sel], t), t)
             loss = loss + F.cross_entropy(logits, y[sel], reduction="sum")
             correct[sel] = logits.argmax(1) == y[sel]
         return loss / len(y), correct

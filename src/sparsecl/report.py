@@ -30,7 +30,17 @@ from .errors import ConfigError
 DPI = 120
 CONFIG_KEYS = ("method", "benchmark", "epochs", "optimizer", "lr", "batch_size", "seed", "model", "hidden", "width",
                "method_options")
-REUSE_FIELDS = ("units", "owned", "free", "reused")
+REUSE_FIELDS = ("units", "owned", "free", "reused")  # neuron-level; weight-level: "weights" and "used" too
+BITS_FIELDS = ("raw", "coded", "stored", "entropy")
+
+
+def _capacity_unit(m: dict[str, Any]) -> str:
+    """What a layer's capacity counts: "weights" for weight-level methods, else "units"."""
+    return "weights" if any("weights" in e for e in (m.get("reuse") or {}).values()) else "units"
+
+
+def _reuse_fields(m: dict[str, Any]) -> tuple[str, ...]:
+    return ("weights", "owned", "free", "used", "reused") if _capacity_unit(m) == "weights" else REUSE_FIELDS
 MARKERS = "osD^v<>phX*"
 LINESTYLES = ("-", "--", "-.", ":")
 
@@ -127,14 +137,21 @@ def _check(m: dict[str, Any], path: Path) -> None:
     reuse = m.get("reuse") or {}
     if not isinstance(reuse, dict):
         raise bad("reuse", "an object mapping layer names to per-task unit counts")
+    fields = _reuse_fields(m)
     for layer, entry in reuse.items():
         if not isinstance(entry, dict) or not all(
                 isinstance(entry.get(f), list) and len(entry[f]) == T
                 and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in entry[f])
-                for f in REUSE_FIELDS):
+                for f in fields):
             raise ConfigError(f"{path}: key \"reuse\" layer \"{layer}\" must have " +
-                              ", ".join(f'"{f}"' for f in REUSE_FIELDS) +
+                              ", ".join(f'"{f}"' for f in fields) +
                               f", each a list of {T} non-negative integers")
+    bits = m.get("bits_per_parameter")
+    if bits is not None and not (isinstance(bits, dict) and all(
+            isinstance(bits.get(f), list) and len(bits[f]) == T and all(_is_num(x) and x >= 0 for x in bits[f])
+            for f in BITS_FIELDS)):
+        raise bad("bits_per_parameter", "an object with " + ", ".join(f'"{f}"' for f in BITS_FIELDS) +
+                  f", each a list of {T} non-negative numbers")
     if m.get("routing") is not None:
         _check_routing(m["routing"], T, path)
 
@@ -247,15 +264,16 @@ def _capacity_figure(m: dict[str, Any]) -> Figure:
         ax.plot(range(T), [100 * f for f in fractions], label=str(layer), **_style(k))
     ax.set_xticks(range(T))
     ax.set_ylim(0, 100)
-    ax.set_ylabel("units in use (%)")
+    unit = _capacity_unit(m)
+    ax.set_ylabel(f"{unit} in use (%)")
     ax.set_title("capacity used per layer")
     ax.grid(True, alpha=0.4)
     if cap:
         ax.legend(title="layer")
     if reuse:
         _grouped_bars(axes[1], [(str(layer), e["owned"]) for layer, e in reuse.items()], T)
-        axes[1].set_ylabel("units")
-        axes[1].set_title("units newly taken by each task")
+        axes[1].set_ylabel(unit)
+        axes[1].set_title(f"{unit} newly taken by each task")
         axes[1].legend(title="layer")
     axes[-1].set_xlabel("task")
     return fig
@@ -266,13 +284,14 @@ def _reuse_figure(m: dict[str, Any]) -> Figure:
     T = len(m["accuracy_matrix"])
     fig = _new_figure(max(6.0, 0.45 * T + 3.0), 2.8 * len(reuse) + 0.6)
     axes = fig.subplots(len(reuse), 1, sharex=True, squeeze=False)[:, 0]
+    unit = _capacity_unit(m)
     for ax, (layer, e) in zip(axes, reuse.items()):
-        _grouped_bars(ax, [("new units taken", e["owned"]),
-                           ("units of earlier tasks reused", e["reused"])], T)
-        ax.set_ylabel("units")
+        _grouped_bars(ax, [(f"new {unit} taken", e["owned"]),
+                           (f"{unit} of earlier tasks reused", e["reused"])], T)
+        ax.set_ylabel(unit)
         ax.set_title(f"layer {layer}")
     axes[-1].set_xlabel("task")
-    fig.suptitle(f"{m['method']} on {m['benchmark']}: new vs reused units")
+    fig.suptitle(f"{m['method']} on {m['benchmark']}: new vs reused {unit}")
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=2)
     return fig
 
@@ -416,14 +435,23 @@ def _markdown(m: dict[str, Any], images: list[str]) -> str:
             "Row t: accuracy on every task after training task t.", ""]
     out += _table(["after task"] + [f"task {i}" for i in range(T)],
                   [[t] + ["" if a is None else f"{100 * a:.2f}" for a in row] for t, row in enumerate(R)])
-    out += ["", "## Capacity used (% of units)", ""]
+    unit, fields = _capacity_unit(m), _reuse_fields(m)
+    out += ["", f"## Capacity used (% of {unit})", ""]
     out += _table(["layer"] + [f"task {t}" for t in range(T)],
                   [[layer] + [f"{100 * f:.2f}" for f in fr] for layer, fr in cap.items()])
     if reuse:
-        out += ["", "## Unit reuse", ""]
-        out += _table(["layer", "task", *REUSE_FIELDS],
-                      [[layer, t, *(e[f][t] for f in REUSE_FIELDS)] for layer, e in reuse.items()
+        out += ["", f"## Reuse ({unit})", ""]
+        out += _table(["layer", "task", *fields],
+                      [[layer, t, *(e[f][t] for f in fields)] for layer, e in reuse.items()
                        for t in range(T)])
+    bits = m.get("bits_per_parameter")
+    if bits:
+        out += ["", "## Bits per parameter", "",
+                "Bits per masked weight of what running every task so far needs (owner ids or task masks): "
+                "raw, entropy-coded, stored (the smaller of the two) and the Shannon bound; a float32 weight is "
+                "32 bits.", ""]
+        out += _table(["after task", *BITS_FIELDS], [[t, *(f"{bits[f][t]:.3f}" for f in BITS_FIELDS)]
+                                                     for t in range(T)])
     if m.get("routing") is not None:
         out += _routing_markdown(m["routing"], T, acc)
     shown = [k for k in CONFIG_KEYS if k in config]

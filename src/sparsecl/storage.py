@@ -31,6 +31,7 @@ Byte layouts (all little-endian):
 
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 
@@ -84,6 +85,24 @@ def unpack_bits(data: bytes, numel: int) -> torch.Tensor:
     if bits[numel:].any():
         raise CheckpointError(f"bitmap of {numel} elements has nonzero padding bits: corrupt data")
     return torch.from_numpy(bits[:numel].astype(bool))
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """``pack_bits`` in torch, on ``mask``'s device: a ``uint8`` tensor ``(ceil(numel / 8),)`` with
+    the same bytes. How task masks are kept in memory and in checkpoints (1 bit per weight)."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    shifts = torch.arange(8, device=flat.device, dtype=torch.uint8)
+    return (flat.view(-1, 8) << shifts).sum(1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of ``pack_mask``: a bool tensor of ``shape`` on ``packed``'s device."""
+    numel = math.prod(shape)
+    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
+    return ((packed.unsqueeze(1) >> shifts) & 1).view(-1)[:numel].view(shape).bool()
 
 
 def owner_bits(num_tasks: int) -> int:

@@ -114,6 +114,7 @@ class MethodLoss(nn.Module):
         super().__init__()
         self.net = net
         self.method = method  # not a module: its state stays out of DDP's parameters
+        self.own = nn.ParameterList(method.own_parameters())  # e.g. WSN's scores, all-reduced too
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, tasks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.method.loss(self.net, x, y, tasks)
@@ -364,6 +365,7 @@ class RunResult:
     benchmark: str
     benchmark_info: dict = field(default_factory=dict)
     routing: dict | None = None  # RoutingRecord.to_dict(): task-agnostic results, when routing is on
+    bits_per_parameter: dict[str, list[float]] = field(default_factory=dict)  # Method.storage per task
 
     @property
     def acc(self) -> float:
@@ -394,6 +396,7 @@ class RunResult:
             "seconds": sum(self.seconds_per_task),
             "seconds_per_task": self.seconds_per_task,
             **({"routing": self.routing} if self.routing is not None else {}),
+            **({"bits_per_parameter": self.bits_per_parameter} if self.bits_per_parameter else {}),
         }
 
 
@@ -405,7 +408,8 @@ class RunState:
     ``rows[t][i]``: test accuracy of task i after task t (i <= t); ``probes[i]``: task i's probe
     inputs and the logits recorded when it ended; ``capacity``/``reuse``: per layer, one entry
     per task; ``seconds``: wall time per task; ``routing``: the task-agnostic results and the
-    latest task classifier (``None`` unless routing is on).
+    latest task classifier (``None`` unless routing is on); ``bits``: ``Method.storage`` after
+    each task (key → one value per task; empty for methods without per-weight bookkeeping).
     """
 
     rows: list[list[float]] = field(default_factory=list)
@@ -415,6 +419,7 @@ class RunState:
     seconds: list[float] = field(default_factory=list)
     max_change: float = 0.0
     routing: RoutingRecord | None = None
+    bits: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def tasks_done(self) -> int:
@@ -430,7 +435,8 @@ class RunState:
         for i, (x, logits) in enumerate(self.probes):
             tensors[f"probe_x.{i}"], tensors[f"probe_logits.{i}"] = x, logits
         meta = {"rows": self.rows, "capacity": self.capacity, "reuse": self.reuse,
-                "seconds": self.seconds, "max_change": self.max_change if math.isfinite(self.max_change) else "inf"}
+                "seconds": self.seconds, "max_change": self.max_change if math.isfinite(self.max_change) else "inf",
+                "bits": self.bits}
         if self.routing is not None:
             routing_tensors, meta["routing"] = self.routing.to_checkpoint()
             tensors.update(routing_tensors)
@@ -446,7 +452,8 @@ class RunState:
         change = meta["max_change"]
         routing = None if meta.get("routing") is None else RoutingRecord.from_checkpoint(tensors, meta["routing"])
         return cls([list(r) for r in meta["rows"]], probes, meta["capacity"], meta["reuse"],
-                   list(meta["seconds"]), math.inf if change == "inf" else float(change), routing)
+                   list(meta["seconds"]), math.inf if change == "inf" else float(change), routing,
+                   {k: list(v) for k, v in meta.get("bits", {}).items()})
 
 
 def check_task(task: TaskData, t: int, head_classes: int | None = None) -> None:
@@ -557,7 +564,7 @@ class Trainer:
                     on_task_end(net, state)
         return RunResult(state.matrix(T), state.max_change, state.capacity, state.seconds, asdict(cfg),
                          state.reuse, method.name, benchmark.name, dict(benchmark.info),
-                         None if state.routing is None else state.routing.to_dict(T))
+                         None if state.routing is None else state.routing.to_dict(T), state.bits)
 
     def _begin_routing(self, benchmark: Benchmark, state: RunState) -> None:
         """Check that routing can run on the benchmark (one input pipeline) before any training,
@@ -567,6 +574,10 @@ class Trainer:
         if cfg.routing == "oracle":
             state.routing = None
             return
+        if self.method.features_per_task:
+            raise ConfigError(f"--routing {cfg.routing} routes each sample through one shared feature pass; "
+                              f"method '{self.method.name}' computes each task's features with its own "
+                              "subnetwork: use --routing oracle")
         common_prepare(benchmark.tasks)
         buffer = cfg.router_buffer if cfg.routing == "classifier" else None
         rec = state.routing
@@ -631,6 +642,8 @@ class Trainer:
                     f"task {t} (largest absolute change {change:g}); zero forgetting broke")
         for name, used in method.capacity(net).items():
             state.capacity.setdefault(name, []).append(used)
+        for key, bits in method.storage(net).items():
+            state.bits.setdefault(key, []).append(bits)
         for name, counts in method.reuse(net).items():
             for key, n in counts.items():
                 state.reuse.setdefault(name, {}).setdefault(key, []).append(n)

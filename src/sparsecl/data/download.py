@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
-import shutil
 import sys
 import tarfile
 import tempfile

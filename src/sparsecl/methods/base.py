@@ -7,6 +7,7 @@
     capacity(net)                per-layer fraction of units owned, for the report
     state() / load_state(...)    what the method carries between tasks, for checkpoints
     reuse(net)                   per-layer unit counts of the task just ended, for the report
+    storage(net)                 bits per parameter of the per-weight bookkeeping (weight-level)
 
 and, around every optimizer step of every training epoch, ``loss``, ``before_step`` and
 ``after_step``. A method never reaches into the trainer: everything it may do while learning a
@@ -34,6 +35,9 @@ class Method:
     #: True when the method promises zero forgetting; the trainer then treats any change of an
     #: earlier task's logits as an error.
     isolates: ClassVar[bool] = False
+    #: True when each task computes its features with a subnetwork of its own (weight-level
+    #: methods): a sample's features then depend on the task it is routed to.
+    features_per_task: ClassVar[bool] = False
 
     def setup(self, net: "ContinualNetwork") -> None:
         """Called once, before the first task."""
@@ -45,6 +49,11 @@ class Method:
         """Parameters handed to task ``t``'s optimizer: the body and the task's own head."""
         yield from net.body.parameters()
         yield from net.head_parameters(t)
+
+    def own_parameters(self) -> list[nn.Parameter]:
+        """Parameters the method trains that are not the network's (WSN's scores); under DDP
+        their gradients are all-reduced with the network's."""
+        return []
 
     def loss(self, net: "ContinualNetwork", x: torch.Tensor, y: torch.Tensor,
              tasks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,6 +82,12 @@ class Method:
         """Per unit layer, for the task that just ended: ``units`` (layer width), ``owned``
         (units the task took), ``free`` (units left) and ``reused`` (units of earlier tasks the
         task's units read). Empty for methods that do not assign units."""
+        return {}
+
+    def storage(self, net: "ContinualNetwork") -> dict[str, float]:
+        """Bits per masked weight needed to run every task learned so far, for the report:
+        ``raw``, ``coded`` (entropy-coded), ``stored`` (the smaller) and ``entropy`` (the Shannon
+        bound). Empty for methods without per-weight bookkeeping."""
         return {}
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:

@@ -1,0 +1,84 @@
+"""PackNet (Mallya & Lazebnik, "PackNet: Adding Multiple Tasks to a Single Network by Iterative
+Pruning", CVPR 2018): train task t on the free weights (reading every earlier task's frozen
+weights), prune a fraction of the task's new weights per layer by magnitude, retrain the
+survivors briefly, freeze them. Task t evaluates with the weights of tasks <= t (one owner id per
+weight, no masks)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import ConfigError
+from .weight import WeightIsolation
+
+
+def _opt(help: str, **kw):
+    return field(metadata={"help": help}, **kw)
+
+
+@dataclass
+class PackNetConfig:
+    """PackNet hyperparameters; defaults from the reference code (arunmallya/packnet: prune 0.75
+    of each new task's weights, 10 retraining epochs at a tenth of the learning rate). Unlike the
+    reference, which freezes biases and BatchNorm after the first task, every task keeps its own
+    (DESIGN §5)."""
+
+    prune: float = _opt("fraction of the task's new weights pruned per layer, by magnitude", default=0.75)
+    retrain_epochs: int = _opt("epochs of retraining the survivors after pruning", default=10)
+    retrain_lr_factor: float = _opt("learning rate of the retraining, as a factor of --lr", default=0.1)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.prune < 1.0:
+            raise ConfigError(f"--prune must be in [0, 1), got {self.prune}")
+        if self.retrain_epochs < 0:
+            raise ConfigError(f"--retrain-epochs must be >= 0, got {self.retrain_epochs}")
+        if not self.retrain_lr_factor > 0:
+            raise ConfigError(f"--retrain-lr-factor must be above 0, got {self.retrain_lr_factor}")
+
+
+class PackNet(WeightIsolation):
+    name = "packnet"
+    mode = "owner"
+
+    def __init__(self, config: PackNetConfig | None = None):
+        super().__init__()
+        self.config = config or PackNetConfig()
+        self.active: list[torch.Tensor] = []
+
+    def start_task(self, net, t: int) -> None:
+        # every weight: the earlier tasks' (frozen, reused) and the free ones (trained)
+        self.active = [torch.ones_like(self.free(net, i)) for i in range(len(net.subnetworks.layers))]
+
+    def effective(self, i: int, weight: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.active[i], weight, 0.0)
+
+    def train_task(self, session) -> None:
+        session.fit(session.config.epochs)
+        self.prune(session.net)
+        if self.config.retrain_epochs:
+            session.scale_lr(self.config.retrain_lr_factor)
+            session.fit(self.config.retrain_epochs)
+
+    @torch.no_grad()
+    def prune(self, net) -> None:
+        """Per layer, drop the ``prune`` fraction of the task's new (free, active) weights with the
+        smallest magnitude: they are set to 0 and left free for later tasks."""
+        for i in range(len(net.subnetworks.layers)):
+            w, new = self.weight(net, i), self.free(net, i) & self.active[i]
+            k = round(self.config.prune * int(new.sum()))
+            if k == 0:
+                continue
+            magnitude = torch.where(new, w.abs(), torch.inf).flatten()
+            drop = torch.zeros_like(new).flatten()
+            drop[torch.topk(magnitude, k, largest=False).indices] = True
+            drop = drop.view_as(new)
+            self.active[i] &= ~drop
+            w.masked_fill_(drop, 0.0)
+
+    @torch.no_grad()
+    def used(self, net, t: int) -> list[torch.Tensor]:
+        for i, active in enumerate(self.active):  # free weights restart from zero (as PackNet's)
+            self.weight(net, i).masked_fill_(~active, 0.0)
+        return self.active

@@ -1,0 +1,152 @@
+"""Weight-level isolation: the part shared by PackNet, WSN and DST-CL.
+
+Rules, for every masked layer (the body's Linear/Conv2d weights, ``sparsecl.subnetworks``), while
+task t trains:
+
+* weights owned by earlier tasks are frozen: the freezer writes their values back after every
+  optimizer step (gradient masking alone would let weight decay and momentum move them);
+* free weights train where the method's effective weight lets a gradient through;
+* task t's biases, BatchNorm parameters and statistics and head are its own (earlier tasks'
+  are not handed to the optimizer and never run in train mode again).
+
+When t ends the method names the weights t uses; the free ones among them become t's. Task i
+evaluates with ``where(mask_i, weight, 0)``: every weight it reads is frozen, so its logits
+cannot move.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Iterator
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from ..freeze import Freezer
+from ..ledger import FREE
+from ..storage import mask_storage_bits
+from .base import Method
+
+
+class WeightIsolation(Method):
+    """Base of the weight-level methods. Subclasses implement ``start_task`` (choose the task's
+    first active weights), ``effective`` (layer i's weight in the training forward pass),
+    ``train_task`` and ``used`` (the weights the finished task uses)."""
+
+    isolates = True
+    features_per_task = True
+    #: "owner": task t uses the weights of tasks <= t (PackNet); "masks": a stored mask per task
+    mode: ClassVar[str] = "owner"
+
+    def __init__(self) -> None:
+        self.freezer = Freezer()
+        self.log: list[dict] = []
+
+    # ---- hooks -------------------------------------------------------------------------------
+    def setup(self, net) -> None:
+        net.install_subnetworks(self.mode)
+
+    def begin_task(self, net, t: int, task) -> None:
+        sub = net.subnetworks
+        self.freezer.clear()
+        for i in range(len(sub.layers)):
+            self.freezer.fix_entries(self.weight(net, i), sub.owner(i) != FREE)
+        self.start_task(net, t)
+        sub.begin_training(t, self.effective)
+
+    def parameters(self, net, t: int) -> Iterator[nn.Parameter]:
+        sub = net.subnetworks
+        for i in range(len(sub.layers)):
+            yield self.weight(net, i)
+        yield from sub.tasks[t].parameters()
+        yield from net.head_parameters(t)
+        yield from self.own_parameters()
+
+    def after_step(self, net) -> None:
+        self.freezer.restore()
+
+    def end_task(self, session) -> None:
+        net, t = session.net, session.t
+        used = self.used(net, t)
+        sub = net.subnetworks
+        sub.end_training()
+        sub.commit(t, used)
+        self.freezer.clear()
+        entry = {"task": t, "used": sum(int(u.sum()) for u in used),
+                 "new": sum(int((sub.owner(i) == t).sum()) for i in range(len(used))),
+                 "weights": sum(u.numel() for u in used)}
+        self.log.append({**entry, **self.task_log(net, t)})
+
+    # ---- for subclasses ----------------------------------------------------------------------
+    @staticmethod
+    def weight(net, i: int) -> nn.Parameter:
+        return net.subnetworks.weight(net.body, i)
+
+    @staticmethod
+    def free(net, i: int) -> torch.Tensor:
+        """Bool mask of layer i's weights no task owns (trainable now)."""
+        return net.subnetworks.owner(i) == FREE
+
+    def start_task(self, net, t: int) -> None:
+        raise NotImplementedError
+
+    def effective(self, i: int, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def used(self, net, t: int) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def task_log(self, net, t: int) -> dict:
+        """Extra entries of the method log for task t."""
+        return {}
+
+    # ---- reports -----------------------------------------------------------------------------
+    def capacity(self, net) -> dict[str, float]:
+        """Per masked layer, the fraction of weights owned by some task."""
+        sub = net.subnetworks
+        return {name: float((sub.owner(i) != FREE).float().mean()) for i, name in enumerate(sub.layers)}
+
+    def reuse(self, net) -> dict[str, dict[str, int]]:
+        """Per masked layer, for the task just ended: ``weights``, ``owned`` (its new weights),
+        ``free`` (weights left), ``used`` (weights its subnetwork reads) and ``reused`` (earlier
+        tasks' frozen weights it reads)."""
+        sub, t = net.subnetworks, net.num_tasks - 1
+        out = {}
+        for i, name in enumerate(sub.layers):
+            owner, mask = sub.owner(i), sub.mask(t, i)
+            out[name] = {"weights": owner.numel(), "owned": int((owner == t).sum()), "free": int((owner == FREE).sum()),
+                         "used": int(mask.sum()), "reused": int((mask & (owner >= 0) & (owner < t)).sum())}
+        return out
+
+    def storage(self, net) -> dict[str, float]:
+        """Bits per masked weight to run every task so far: owner ids (owner mode) or the
+        tasks' masks (masks mode), raw and entropy-coded (``storage.mask_storage_bits``)."""
+        sub, T = net.subnetworks, net.num_tasks
+        totals = {"raw_bits": 0, "coded_bits": 0, "stored_bits": 0, "entropy_bits": 0.0}
+        n = 0
+        for i in range(len(sub.layers)):
+            if sub.mode == "owner":
+                bits = mask_storage_bits(owner=sub.owner(i), num_tasks=T)
+            else:
+                bits = mask_storage_bits(masks=[sub.mask(t, i) for t in range(T)])
+            for key in totals:
+                totals[key] += bits[key]
+            n += bits["weights"]
+        return {key.removesuffix("_bits"): value / n for key, value in totals.items()}
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """The ledger and masks are the network's (``net.subnetworks``); here: the method's own
+        parameters and its log."""
+        return {f"own.{i}": p.detach() for i, p in enumerate(self.own_parameters())}, {"log": self.log}
+
+    def load_state(self, net, tensors, meta) -> None:
+        """Raises ``CheckpointError`` when the saved parameters do not fit."""
+        with torch.no_grad():
+            for i, p in enumerate(self.own_parameters()):
+                saved = tensors.get(f"own.{i}")
+                if saved is None or saved.shape != p.shape:
+                    got = "missing" if saved is None else f"of shape {tuple(saved.shape)}"
+                    raise CheckpointError(f"the checkpoint's {self.name} parameter own.{i} is {got}; "
+                                          f"expected shape {tuple(p.shape)}")
+                p.copy_(saved)
+        self.log = list(meta.get("log", []))

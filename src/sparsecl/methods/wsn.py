@@ -1,0 +1,79 @@
+"""WSN, Winning SubNetworks (Kang et al., "Forget-free Continual Learning with Winning
+Subnetworks", ICML 2022): every weight has a learnable score; per layer the top-c fraction of
+scores (by magnitude) form the task's mask, trained through a straight-through estimator. Selected
+weights of earlier tasks are reused frozen; newly selected free weights train and become the
+task's. Each task stores its binary mask."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .weight import WeightIsolation
+
+
+def _opt(help: str, **kw):
+    return field(metadata={"help": help}, **kw)
+
+
+@dataclass
+class WSNConfig:
+    """WSN hyperparameters. ``density`` is the paper's c (the reference code's ``--sparsity``
+    after its ``1 - x``): c = 0.5 for its CIFAR-100 and Permuted-MNIST results. Scores train with
+    the weights' optimizer and learning rate and are never re-initialized between tasks, as in
+    the reference code (ihaeyong/WSN)."""
+
+    density: float = _opt("c: fraction of each layer's weights in a task's subnetwork", default=0.5)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.density <= 1.0:
+            raise ConfigError(f"--density must be in (0, 1], got {self.density}")
+
+
+def top_fraction(scores: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Bool mask (``scores``' shape) of exactly ``round(fraction · numel)`` entries (at least one)
+    of largest ``|scores|`` (among equal scores at the cut, ``torch.topk`` picks)."""
+    flat = scores.detach().abs().flatten()
+    k = max(1, round(fraction * flat.numel()))
+    idx = torch.topk(flat, k, sorted=False).indices  # a selection, not a sort: ~7x faster per step
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask[idx] = True
+    return mask.view_as(scores)
+
+
+class WSN(WeightIsolation):
+    name = "wsn"
+    mode = "masks"
+
+    def __init__(self, config: WSNConfig | None = None):
+        super().__init__()
+        self.config = config or WSNConfig()
+        self.scores: list[nn.Parameter] = []
+
+    def setup(self, net) -> None:
+        super().setup(net)
+        if not self.scores:
+            for i in range(len(net.subnetworks.layers)):
+                s = torch.empty_like(self.weight(net, i), requires_grad=False)
+                nn.init.kaiming_uniform_(s, a=math.sqrt(5))  # WSN's score initialization
+                self.scores.append(nn.Parameter(s))
+
+    def own_parameters(self) -> list[nn.Parameter]:
+        return self.scores
+
+    def start_task(self, net, t: int) -> None:
+        pass
+
+    def effective(self, i: int, weight: torch.Tensor) -> torch.Tensor:
+        s = self.scores[i]
+        mask = top_fraction(s, self.config.density).to(weight.dtype)
+        magnitude = s.abs()
+        # straight-through: the value is exactly the 0/1 mask, the gradient reaches the scores
+        return weight * (mask + (magnitude - magnitude.detach()))
+
+    def used(self, net, t: int) -> list[torch.Tensor]:
+        return [top_fraction(s, self.config.density) for s in self.scores]

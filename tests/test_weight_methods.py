@@ -1,0 +1,277 @@
+"""Weight-level methods (PackNet, WSN, DST-CL) on one weight ledger: zero forgetting bitwise under
+every optimizer with BatchNorm, per-task BatchNorm independent of the evaluation batch size, the
+methods' mask rules, storage figures, checkpoints and export."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from click.testing import CliRunner
+
+from sparsecl.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from sparsecl.cli import main
+from sparsecl.errors import CapacityError, ConfigError
+from sparsecl.export import task_model
+from sparsecl.ledger import FREE
+from sparsecl.methods import DST, WSN, DSTConfig, PackNet, PackNetConfig, WSNConfig
+from sparsecl.models import mlp
+from sparsecl.network import ContinualNetwork
+from sparsecl.runs import CheckpointWriter, RunSpec, build_method, build_network, build_stream
+from sparsecl.sparsity import erk_densities, uniform_densities
+from sparsecl.storage import owner_bits
+from sparsecl.trainer import TrainConfig, Trainer, predict
+from synthetic import ChecksOldLogits, cluster_benchmark, image_benchmark
+from test_conv import TinyResNet, tiny_convnet
+
+METHODS = {
+    "packnet": lambda: PackNet(PackNetConfig(prune=0.5, retrain_epochs=1)),
+    "wsn": lambda: WSN(WSNConfig(density=0.3)),
+    "dst": lambda: DST(DSTConfig(sparsity=0.7, update_interval=3, growth="momentum")),
+}
+OPTIMIZERS = [dict(optimizer="adam"), dict(optimizer="adamw", weight_decay=0.05),
+              dict(optimizer="sgd", momentum=0.9, lr=0.05)]
+
+
+def _checked(name: str, input_shape):
+    base = type(METHODS[name]())
+    checked = type(f"Checked{base.__name__}", (ChecksOldLogits, base), {"input_shape": input_shape})
+    method = METHODS[name]()
+    method.__class__ = checked
+    return method
+
+
+def _frozen_values(net: ContinualNetwork) -> list[torch.Tensor]:
+    sub = net.subnetworks
+    return [torch.where(sub.owner(i) != FREE, sub.weight(net.body, i), torch.nan).clone() for i in range(len(sub.layers))]
+
+
+@pytest.mark.parametrize("opt", OPTIMIZERS, ids=lambda o: o["optimizer"])
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_zero_forgetting_bitwise_with_batchnorm(name, opt):
+    """A conv net with BatchNorm in train mode and a residual ResNet, every optimizer: earlier
+    tasks' logits on their own random inputs stay bitwise equal, frozen weights never move."""
+    bench = image_benchmark(num_tasks=3, shape=(3, 8, 8), n_train=60, n_test=30)
+    cfg = {"epochs": 2, "batch_size": 16, "probe_size": 16, "lr": 1e-2, **opt}
+    for model in (tiny_convnet(), TinyResNet(width=4)):
+        method = _checked(name, (3, 8, 8))
+        torch.manual_seed(0)
+        net = ContinualNetwork(model)
+        frozen: list[list[torch.Tensor]] = []
+
+        def after(net_, state):
+            for i, (before, now) in enumerate(zip(frozen[-1] if frozen else [], _frozen_values(net_))):
+                was = ~torch.isnan(before)
+                assert torch.equal(before[was], now[was]), f"layer {i}: a frozen weight moved"
+            frozen.append(_frozen_values(net_))
+
+        result = Trainer(method, TrainConfig(**cfg)).fit(net, bench, on_task_end=after)
+        assert result.max_logit_change == 0.0 and result.bwt == 0.0
+        assert len(method.records) == 3
+        owned = [float((net.subnetworks.owner(i) != FREE).float().mean()) for i in range(len(net.subnetworks.layers))]
+        assert all(0 < o <= 1 for o in owned)
+
+
+def test_per_task_batchnorm_does_not_depend_on_the_evaluation_batch():
+    bench = image_benchmark(num_tasks=2, shape=(3, 8, 8), n_train=60, n_test=40)
+    torch.manual_seed(0)
+    net = ContinualNetwork(tiny_convnet())
+    Trainer(WSN(WSNConfig(density=0.5)), TrainConfig(epochs=2, batch_size=16)).fit(net, bench)
+    x = bench.tasks[0].test_x
+    for t in range(2):
+        one = predict(net, x, t, batch_size=1, device="cpu")
+        big = predict(net, x, t, batch_size=40, device="cpu")
+        odd = predict(net, x, t, batch_size=7, device="cpu")
+        assert torch.allclose(one, big, atol=1e-5) and torch.allclose(odd, big, atol=1e-5)
+        assert torch.equal(one.argmax(1), big.argmax(1))
+    # every task has its own statistics, and the body's own BatchNorm is never used
+    stats = [getattr(net.subnetworks.tasks[t], "mean0") for t in range(2)]
+    assert not torch.equal(stats[0], stats[1])
+    bn = net.body.get_submodule(net.subnetworks.norms[0])
+    assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
+
+
+def test_wsn_mask_is_exactly_the_top_fraction_of_scores():
+    bench = cluster_benchmark(num_tasks=3, n_train=120)
+    method = WSN(WSNConfig(density=0.3))
+    torch.manual_seed(0)
+    net = ContinualNetwork(mlp((20,), (16, 12), 3))
+    Trainer(method, TrainConfig(epochs=2, batch_size=32)).fit(net, bench)
+    sub = net.subnetworks
+    for i, scores in enumerate(method.scores):
+        mask = sub.mask(2, i)  # the last task's stored mask, from the final scores
+        k = round(0.3 * scores.numel())
+        assert int(mask.sum()) == k
+        magnitude = scores.detach().abs()
+        assert magnitude[mask].min() >= magnitude[~mask].max()
+        for t in range(3):
+            assert int(sub.mask(t, i).sum()) == k  # each task selected exactly c of the layer
+        owner = sub.owner(i)
+        assert ((owner >= 0) == (sub.mask(0, i) | sub.mask(1, i) | sub.mask(2, i))).all()
+
+
+def test_wsn_reuses_frozen_weights_and_trains_only_new_ones():
+    bench = cluster_benchmark(num_tasks=2, n_train=120)
+    method = WSN(WSNConfig(density=0.6))
+    torch.manual_seed(0)
+    net = ContinualNetwork(mlp((20,), (16,), 3))
+    result = Trainer(method, TrainConfig(epochs=2, batch_size=32)).fit(net, bench)
+    first = result.reuse[net.subnetworks.layers[0]]
+    assert first["reused"][1] > 0  # 60% twice cannot avoid overlap
+    assert first["owned"][1] == first["used"][1] - first["reused"][1]
+
+
+def test_packnet_task_uses_the_weights_of_tasks_up_to_it():
+    bench = cluster_benchmark(num_tasks=3, n_train=120)
+    method = PackNet(PackNetConfig(prune=0.6, retrain_epochs=1))
+    torch.manual_seed(0)
+    net = ContinualNetwork(mlp((20,), (16, 12), 3))
+    result = Trainer(method, TrainConfig(epochs=2, batch_size=32)).fit(net, bench)
+    sub = net.subnetworks
+    for i, name in enumerate(sub.layers):
+        owner = sub.owner(i)
+        for t in range(3):
+            assert torch.equal(sub.mask(t, i), (owner >= 0) & (owner <= t))
+        # each task keeps round(40%) of the weights that were free when it began
+        free = owner.numel()
+        for t in range(3):
+            kept = int((owner == t).sum())
+            assert kept == free - round(0.6 * free)
+            free -= kept
+        # freed weights restart from zero, as in PackNet
+        assert torch.equal(sub.weight(net.body, i)[owner == FREE], torch.zeros(int((owner == FREE).sum())))
+    assert result.bits_per_parameter["raw"] == [owner_bits(t + 1) for t in range(3)]
+
+
+def test_dst_density_stays_exact_and_regrowth_never_takes_frozen_weights():
+    bench = cluster_benchmark(num_tasks=3, n_train=240)
+    checks = []
+
+    class Watched(DST):
+        def update(self, net):
+            before = [a.clone() for a in self.active]
+            frozen = [(net.subnetworks.owner(i) != FREE).clone() for i in range(len(self.active))]
+            values = [self.weight(net, i).detach().clone() for i in range(len(self.active))]
+            super().update(net)
+            for i, (b, a, f, v) in enumerate(zip(before, self.active, frozen, values)):
+                assert int(a.sum()) == int(b.sum())  # as many regrown as dropped
+                assert torch.equal(a & f, b & f)  # frozen weights are neither dropped nor grown
+                assert torch.equal(self.weight(net, i)[f], v[f])
+                checks.append(int((a ^ b).sum()))
+
+    for growth in ("random", "unfired", "gradient", "momentum"):
+        method = Watched(DSTConfig(sparsity=0.75, update_interval=2, growth=growth, init="erk"))
+        torch.manual_seed(0)
+        net = ContinualNetwork(mlp((20,), (32, 24), 3))
+        result = Trainer(method, TrainConfig(epochs=2, batch_size=32)).fit(net, bench)
+        assert result.max_logit_change == 0.0
+        sub = net.subnetworks
+        shapes = {n: tuple(sub.weight(net.body, i).shape) for i, n in enumerate(sub.layers)}
+        assert method.densities == erk_densities(shapes, 0.25)
+        for t in range(3):
+            for i, name in enumerate(sub.layers):
+                assert int(sub.mask(t, i).sum()) == math.floor(method.densities[name] * math.prod(shapes[name]) + 0.5)
+    assert sum(checks) > 0  # the topology really moved
+
+
+def test_dst_init_modes_and_options():
+    assert DSTConfig(sparsity=0.8, init="auto").resolved_init == "erk"
+    assert DSTConfig(sparsity=0.95, init="auto").resolved_init == "uniform"
+    bench = cluster_benchmark(num_tasks=1)
+    method = DST(DSTConfig(sparsity=0.9, init="uniform", reuse_frozen=False))
+    net = ContinualNetwork(mlp((20,), (16,), 3))
+    Trainer(method, TrainConfig(epochs=1)).fit(net, bench)
+    shapes = {n: tuple(net.subnetworks.weight(net.body, i).shape) for i, n in enumerate(net.subnetworks.layers)}
+    assert method.densities == uniform_densities(shapes, 1 - 0.9)
+    with pytest.raises(ConfigError, match="--growth must be one of"):
+        DSTConfig(growth="magic")
+    with pytest.raises(ConfigError, match="--sparsity must be in"):
+        DSTConfig(sparsity=1.0)
+    with pytest.raises(ConfigError, match="--growth momentum needs"):
+        Trainer(DST(DSTConfig(growth="momentum")), TrainConfig(epochs=1, optimizer="sgd")).fit(
+            mlp((20,), (16,), 3), bench)
+
+
+def test_weight_methods_refuse_what_they_cannot_isolate():
+    bench = cluster_benchmark(num_tasks=1)
+    with pytest.raises(ConfigError, match="drop --single-head"):
+        Trainer(WSN(), TrainConfig(epochs=1)).fit(ContinualNetwork(mlp((20,), (8,), 3), single_head=True), bench)
+
+    with pytest.raises(ConfigError, match="--routing classifier routes each sample"):
+        Trainer(WSN(), TrainConfig(epochs=1, routing="classifier")).fit(mlp((20,), (8,), 3), bench)
+    net = ContinualNetwork(mlp((20,), (8,), 3))
+    net.install_subnetworks("owner")
+    net.add_head(3)
+    net.subnetworks.commit(0, [torch.ones_like(net.subnetworks.owner(i), dtype=torch.bool) for i in range(1)])
+    with pytest.raises(CapacityError, match="must use every weight of the earlier tasks"):
+        net.add_head(3)
+        net.subnetworks.commit(1, [torch.zeros_like(net.subnetworks.owner(0), dtype=torch.bool)])
+
+
+def test_masks_are_bit_packed_and_storage_is_reported():
+    bench = cluster_benchmark(num_tasks=3, n_train=120)
+    torch.manual_seed(0)
+    net = ContinualNetwork(mlp((20,), (16, 12), 3))
+    result = Trainer(WSN(WSNConfig(density=0.1)), TrainConfig(epochs=1, batch_size=32)).fit(net, bench)
+    packed = net.subnetworks.tasks[0].mask0
+    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(16 * 20 / 8)
+    assert net.subnetworks.owner(0).dtype == torch.int8
+    bits = result.bits_per_parameter
+    assert bits["raw"] == [1.0, 2.0, 3.0]  # one bit per weight per task
+    assert all(s <= r for s, r in zip(bits["stored"], bits["raw"]))
+    assert all(e <= c for e, c in zip(bits["entropy"], bits["coded"]))
+
+
+@pytest.mark.parametrize("name,options", [("wsn", {"density": 0.4}),
+                                          ("dst", {"sparsity": 0.7, "update_interval": 5, "growth": "gradient"})])
+def test_resume_is_bitwise_for_weight_methods(tmp_path, name, options):
+    """A run stopped after 2 of 5 tasks and resumed with ``sparsecl run --resume`` ends with the
+    same metrics and checkpoint tensors (ledger, masks, per-task BatchNorm, scores) as an
+    uninterrupted run."""
+    spec = RunSpec([{"benchmark": "split-digits", "seed": 0, "options": {}}],
+                   {"name": "mlp", "options": {"hidden": [16, 16]}, "single_head": False}, name, options,
+                   {"epochs": 2, "batch_size": 32, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.01,
+                    "momentum": 0.0, "seed": 0})
+    bench = build_stream(spec)
+
+    def run(out, stop_after=None):
+        out.mkdir()
+        method = build_method(spec.method, spec.method_options)
+        writer = CheckpointWriter(out / CHECKPOINT_NAME, spec, method, bench.input_shape, bench.num_tasks)
+
+        def on_task_end(net, state):
+            writer(net, state)
+            if state.tasks_done == stop_after:
+                raise KeyboardInterrupt
+
+        return Trainer(method, spec.train_config()).fit(build_network(spec, bench), bench, on_task_end=on_task_end)
+
+    full = run(tmp_path / "full")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", stop_after=2)
+    result = CliRunner().invoke(main, ["run", "--resume", str(tmp_path / "cut"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    resumed = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    assert resumed["accuracy_matrix"] == full.accuracy_matrix
+    assert resumed["bits_per_parameter"] == full.bits_per_parameter
+    a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "cut")
+    assert any(".mask0" in k for k in a.tensors) and any(k.startswith("method.own.") for k in a.tensors) == (name == "wsn")
+    assert a.tensors.keys() == b.tensors.keys()
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_export_keeps_the_task_logits(name):
+    bench = image_benchmark(num_tasks=2, shape=(3, 8, 8), n_train=60, n_test=30)
+    torch.manual_seed(0)
+    net = ContinualNetwork(TinyResNet(width=4))
+    Trainer(METHODS[name](), TrainConfig(epochs=1, batch_size=16)).fit(net, bench)
+    net.eval()
+    x = bench.tasks[0].test_x
+    for t in range(2):
+        small = task_model(net, t)
+        with torch.no_grad():
+            assert torch.allclose(small(x), net(x, t), atol=1e-5)
