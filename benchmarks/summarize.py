@@ -1,6 +1,7 @@
-"""Print one Markdown table row per run folder: method, ACC, BWT, max logit change, capacity
-used after the last task (per layer, or the mean and range over many layers), wall time per
-task. Usage:
+"""Print one Markdown table row per run folder: the run (folder name), method, ACC, BWT, max
+logit change, capacity used after the last task (per layer, or the mean and range over many
+layers), bits per parameter (weight-level methods: stored, raw in brackets), wall time per task.
+Usage:
     python benchmarks/summarize.py runs/cifar100-alexnet-like-*"""
 
 from __future__ import annotations
@@ -21,13 +22,16 @@ def row(run_dir: Path) -> str:
         capacity = (f"mean {100 * statistics.mean(last.values()):.0f}% over {len(last)} layers "
                     f"({100 * min(last.values()):.0f}–{100 * max(last.values()):.0f}%)")
     per_task = statistics.mean(m["seconds_per_task"])
-    return (f"| {m['method']} | {100 * m['acc']:.2f} | {bwt} | {m['max_logit_change']} | {capacity} "
-            f"| {per_task / 60:.1f} min |")
+    bits = m.get("bits_per_parameter")
+    bits = f"{bits['stored'][-1]:.2f} ({bits['raw'][-1]:.0f})" if bits else "—"
+    return (f"| {Path(run_dir).name} | {m['method']} | {100 * m['acc']:.2f} | {bwt} | {m['max_logit_change']} "
+            f"| {capacity} | {bits} | {per_task / 60:.1f} min |")
 
 
 def main(paths: list[str]) -> None:
-    print("| method | ACC (%) | BWT (points) | max logit change | capacity used after the last task | wall time per task |")
-    print("|---|---|---|---|---|---|")
+    print("| run | method | ACC (%) | BWT (points) | max logit change | capacity used after the last task "
+          "| bits per parameter | wall time per task |")
+    print("|---|---|---|---|---|---|---|---|")
     for path in paths:
         if (Path(path) / "metrics.json").exists():
             print(row(Path(path)))

@@ -5,8 +5,9 @@ API under DDP (gloo) and writes what each rank holds to ``OUT_DIR/rank{r}.safete
 network, the ledger) and ``OUT_DIR/rank{r}.json`` (the result and sharded-vs-whole accuracy
 checks), so that the test compares the ranks itself, independently of the trainer's checksum.
 
-MODE ``train``: EideticNets; ``diverge``: a method whose rank 1 prunes one extra unit, which the
-trainer's cross-rank check must refuse.
+MODE ``train``: EideticNets; ``wsn``, ``dst``: the weight-level methods (scores and drop/regrow
+under DDP), with AdamW weight decay; ``diverge``: a method whose rank 1 gives one extra unit
+away, which the trainer's cross-rank check must refuse.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from safetensors.torch import save_file
 
 from sparsecl import distributed
 from sparsecl.data import load_benchmark
-from sparsecl.methods import EideticConfig, EideticNets
+from sparsecl.methods import DST, WSN, DSTConfig, EideticConfig, EideticNets, WSNConfig
 from sparsecl.models import mlp
 from sparsecl.network import ContinualNetwork
 from sparsecl.trainer import TrainConfig, Trainer, accuracy
@@ -44,13 +45,21 @@ def main(out: Path, data_root: str, mode: str) -> None:
     world, device = distributed.init_from_env("cpu", "gloo")
     assert world is not None and world.size == 2, "launch with torchrun --nproc_per_node=2"
     bench = load_benchmark("split-mnist", data_root=data_root, **BENCH)
-    cls = DivergingEidetic if mode == "diverge" else EideticNets
-    method = cls(EideticConfig(score="taylor", patience=2, prune_step=0.2, tolerance=0.01))
+    config = TrainConfig(**CONFIG)
+    if mode == "wsn":
+        method = WSN(WSNConfig(density=0.3))
+        config = TrainConfig(**{**CONFIG, "optimizer": "adamw", "weight_decay": 0.05})
+    elif mode == "dst":
+        method = DST(DSTConfig(sparsity=0.7, update_interval=5, growth="momentum"))
+        config = TrainConfig(**{**CONFIG, "optimizer": "adamw", "weight_decay": 0.05})
+    else:
+        cls = DivergingEidetic if mode == "diverge" else EideticNets
+        method = cls(EideticConfig(score="taylor", patience=2, prune_step=0.2, tolerance=0.01))
     torch.manual_seed(0)
     net = ContinualNetwork(mlp((1, 28, 28), (64, 64), 2))  # trained in place
-    result = Trainer(method, TrainConfig(**CONFIG), world).fit(net, bench)
-    tensors = {f"net.{k}": v.contiguous() for k, v in net.state_dict().items()}
-    tensors.update({f"ledger.{k}": v for k, v in method.ledger.owner.items()})
+    result = Trainer(method, config, world).fit(net, bench)
+    tensors = {f"net.{k}": v.contiguous() for k, v in net.state_dict().items()}  # weight-level ledger and masks
+    tensors.update({f"method.{k}": v.contiguous() for k, v in method.state()[0].items()})  # unit ledger, scores
     save_file(tensors, str(out / f"rank{world.rank}.safetensors"))
     task = bench.tasks[0]
     sharded = accuracy(net, task.test_x, task.test_y, 0, 64, device, task.prepare, world)

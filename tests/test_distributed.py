@@ -27,14 +27,20 @@ def _launch(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Comple
     return subprocess.run(TORCHRUN + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_two_ranks_hold_identical_networks_and_ledgers(tmp_path, data_root):
-    proc = _launch([str(WORKER), str(tmp_path), str(data_root), "train"], tmp_path)
+@pytest.mark.parametrize("mode,ledger", [("train", "method.owner."), ("wsn", "net.subnetworks.owner"),
+                                         ("dst", "net.subnetworks.owner")])
+def test_two_ranks_hold_identical_networks_and_ledgers(tmp_path, data_root, mode, ledger):
+    """EideticNets (unit ledger), WSN (scores all-reduced with the network) and DST (drop and
+    regrow from all-reduced gradients and momenta) under AdamW weight decay."""
+    proc = _launch([str(WORKER), str(tmp_path), str(data_root), mode], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1)]
-    assert ranks[0].keys() == ranks[1].keys() and any(k.startswith("ledger.") for k in ranks[0])
+    assert ranks[0].keys() == ranks[1].keys() and any(k.startswith(ledger) for k in ranks[0])
+    if mode == "wsn":
+        assert any(k.startswith("method.own.") for k in ranks[0])  # the scores
     for key in ranks[0]:
         assert torch.equal(ranks[0][key], ranks[1][key]), key
-    owned = [int((v >= 0).sum()) for k, v in ranks[0].items() if k.startswith("ledger.")]
+    owned = [int((v >= 0).sum()) for k, v in ranks[0].items() if k.startswith(ledger)]
     assert all(n > 0 for n in owned)  # the ranks agree on a ledger that is really in use
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert results[0] == results[1]

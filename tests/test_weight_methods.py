@@ -275,3 +275,31 @@ def test_export_keeps_the_task_logits(name):
         small = task_model(net, t)
         with torch.no_grad():
             assert torch.allclose(small(x), net(x, t), atol=1e-5)
+
+
+def test_cached_masks_follow_loaded_state_and_devices():
+    """Task masks are cached for speed; loading another state (a rollback) must never serve a
+    stale mask."""
+    bench = cluster_benchmark(num_tasks=2, n_train=120)
+    nets = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        net = ContinualNetwork(mlp((20,), (16,), 3))
+        Trainer(WSN(WSNConfig(density=0.3)), TrainConfig(epochs=1, batch_size=32, seed=seed)).fit(net, bench)
+        nets.append(net.eval())
+    x = bench.tasks[0].test_x
+    with torch.no_grad():
+        nets[0](x, 0)  # fills the cache
+        nets[0].load_state_dict(nets[1].state_dict())
+        assert torch.equal(nets[0](x, 0), nets[1](x, 0))
+
+
+@pytest.mark.parametrize("name", ["packnet", "dst"])
+def test_channels_last_weights_are_frozen_exactly(name):
+    bench = image_benchmark(num_tasks=2, shape=(3, 8, 8), n_train=60, n_test=30)
+    torch.manual_seed(0)
+    model = tiny_convnet().to(memory_format=torch.channels_last)
+    method = _checked(name, (3, 8, 8))
+    result = Trainer(method, TrainConfig(epochs=1, batch_size=16, optimizer="adamw", weight_decay=0.05)).fit(
+        model, bench)
+    assert result.max_logit_change == 0.0 and len(method.records) == 2

@@ -19,6 +19,7 @@ from .atomic import write_json_atomic
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint
 from .data import load_benchmark
 from .data.benchmarks import BENCHMARKS
+from .compact import read_compact, write_compact
 from .export import export_task
 from .errors import ConfigError, SparseCLError
 from .methods import METHODS
@@ -160,20 +161,27 @@ def _run(world, data_root, download, device, out, resume, from_checkpoint, progr
             distributed.local_batch_size(config.batch_size, world)
         if out is not None and main_rank:  # fail before training, not after it, if the results cannot be written
             _prepare_out(Path(out))
-        if not main_rank:
-            distributed.barrier(world)  # rank 0 downloads missing files first
+        first = world is None or world.local_rank == 0  # one process per machine downloads missing files
+        if not first:
+            distributed.barrier(world)
         bench = build_stream(spec, data_root, download)
-        if main_rank:
+        if first:
             distributed.barrier(world)
         if ckpt is None:
             net, method_obj, state = build_network(spec, bench), build_method(spec.method, spec.method_options), None
         else:
             net, method_obj, state = restore(ckpt, spec, continue_on=device)
-            if state.tasks_done >= bench.num_tasks:
+            if state.tasks_done >= bench.num_tasks and main_rank:
                 click.echo(f"the run in {ckpt.path.parent} has finished all {bench.num_tasks} tasks")
+            saved_world, world_size = ckpt.manifest.get("world_size", 1), 1 if world is None else world.size
+            if resume is not None and saved_world != world_size and main_rank:
+                click.echo(f"warning: the run was trained with {saved_world} process(es) and continues with "
+                           f"{world_size}: its remaining tasks see another sample order, so it will not end bit "
+                           "for bit as an uninterrupted run", err=True)
         writer = None if out is None or not main_rank else CheckpointWriter(Path(out) / CHECKPOINT_NAME, spec, method_obj,
                                                            bench.input_shape, bench.num_tasks, device,
-                                                           [t.normalize for t in bench.tasks])
+                                                           [t.normalize for t in bench.tasks],
+                                                           1 if world is None else world.size)
         result = Trainer(method_obj, config, world).fit(net, bench, state, writer)
     except SparseCLError as exc:
         raise click.ClickException(str(exc)) from exc
@@ -274,11 +282,14 @@ def evaluate(checkpoint, benchmark, num_tasks, seed, permute_first, max_test_per
         if json_out is not None:
             _check_parent(json_out, "--json")
         ckpt = load_checkpoint(checkpoint)
-        net, _, state = restore(ckpt)
+        if ckpt.manifest.get("compact_format"):  # a model written by export --compact
+            net, state = read_compact(ckpt.path)[0], None
+        else:
+            net, _, state = restore(ckpt)
         net.to(device).eval()
         router = None
         if routing == "classifier":
-            router = None if state.routing is None else state.routing.router
+            router = None if state is None or state.routing is None else state.routing.router
             if router is None:
                 raise ConfigError(f"{ckpt.path} holds no task router (its run did not use --routing classifier); "
                                   "--routing entropy needs none")
@@ -348,19 +359,37 @@ def evaluate(checkpoint, benchmark, num_tasks, seed, permute_first, max_test_per
 
 @main.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--task", "task", type=int, required=True, help="the task whose subnetwork is exported")
+@click.option("--task", "task", type=int, default=None, help="the task whose subnetwork is exported")
+@click.option("--compact", is_flag=True, default=False,
+              help="instead: every task's subnetwork in one compact file (weight-level methods with task "
+                   "masks: WSN, DST, TinySubNets), read back with sparsecl.compact.read_compact or sparsecl eval")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="file to write (a torch.export program, e.g. task3.pt2)")
-def export(checkpoint, task, out) -> None:
+              help="file to write (a torch.export program, e.g. task3.pt2; with --compact, e.g. model.compact)")
+def export(checkpoint, task, compact, out) -> None:
     """Write task TASK's subnetwork, only the units it uses, as a standalone model that plain
     PyTorch loads: ``torch.export.load(OUT).module()(x)`` gives the task's logits for float32
     inputs ``x`` with image pixels divided by 255 (a benchmark's per-channel normalization, if
-    any, is part of the exported model)."""
+    any, is part of the exported model).
+
+    With --compact, every task's subnetwork in one file: codebook indices bit-packed at their bit
+    width (TinySubNets) or float32 values, codebooks, entropy-coded task masks, and each task's
+    biases, BatchNorm and head; read back, every task's logits are bitwise those of the saved model."""
+    if compact == (task is not None):
+        raise click.ClickException("give --task T (one task's subnetwork) or --compact (every task), not both"
+                                   if compact else "give --task T, or --compact for every task")
     try:
         _check_parent(out, "--out")
         ckpt = load_checkpoint(checkpoint)
-        net, _, _ = restore(ckpt)
+        net, method, _ = restore(ckpt)
         net.eval()
+        if compact:
+            model = write_compact(out, net, getattr(method, "codebooks", None), spec_of(ckpt),
+                                  tuple(ckpt.manifest["input_shape"]), ckpt.manifest.get("normalize"))
+            bits = model.bits_per_parameter()
+            click.echo(f"wrote {out}: {net.num_tasks} tasks in {out.stat().st_size} bytes, "
+                       f"{bits['total']:.3f} bits per parameter of the dense float32 model's "
+                       f"{model.dense_parameters} (32 bits each)")
+            return
         if not 0 <= task < net.num_tasks:
             raise ConfigError(f"--task {task} is out of range: {ckpt.path} has tasks 0..{net.num_tasks - 1}")
         normalize = (ckpt.manifest.get("normalize") or [None] * net.num_tasks)[task]
@@ -448,6 +477,9 @@ def _print_summary(result: RunResult) -> None:
         console.print(f"bits per parameter to run every task: {bits['stored'][-1]:.3f} stored "
                       f"(raw {bits['raw'][-1]:.3f}, entropy-coded {bits['coded'][-1]:.3f}, "
                       f"Shannon bound {bits['entropy'][-1]:.3f}); float32 weights: 32")
+        if "compact" in bits:
+            console.print(f"compact model (sparsecl export --compact): {bits['compact'][-1]:.3f} bits per parameter "
+                          f"of the dense float32 model; the last task alone {bits['compact_task'][-1]:.3f}")
     if result.routing is not None:
         _print_routing(console, result.routing, R)
 

@@ -7,8 +7,7 @@ else a method does between training steps (scoring, pruning, the θ scan, re-ini
 runs on every rank on the same data from the same state with the same seeded generators, so the
 decisions are identical by construction; the trainer checks it after every task with a checksum
 of the network, the method's state and the ledger across ranks (``check_identical``). BatchNorm
-statistics follow DDP's rule: rank 0's buffers are authoritative (broadcast before every forward
-pass and again after every epoch).
+statistics: rank 0's are authoritative (broadcast to every rank after every epoch).
 
 Evaluation is sharded without padding (each rank measures a contiguous slice of the test set and
 the correct counts are summed), so no sample is counted twice.
@@ -44,6 +43,7 @@ class World:
     rank: int
     size: int
     device: str = "cpu"
+    local_rank: int = 0  # the rank within this machine (torchrun's LOCAL_RANK)
 
     @property
     def is_main(self) -> bool:
@@ -87,7 +87,7 @@ def init_from_env(device: str, backend: str | None = None) -> tuple[World | None
         return None, device
     if not dist.is_initialized():
         dist.init_process_group(backend)
-    return World(rank, size, device if backend == "nccl" else "cpu"), device
+    return World(rank, size, device if backend == "nccl" else "cpu", local_rank), device
 
 
 def shutdown(world: World | None) -> None:
@@ -117,7 +117,8 @@ def sampler_indices(n: int, world: World, seed: int, epoch: int) -> tuple[torch.
     """This rank's sample indices for one shuffled pass over ``n`` samples, from a
     ``DistributedSampler`` seeded with ``seed`` at ``epoch``, and a bool mask of the indices
     that are real (the sampler repeats up to ``size - 1`` samples so that every rank gets
-    ``ceil(n / size)``; the repeats train but are not counted in the epoch's statistics).
+    ``ceil(n / size)``; the repeats train, and are left out of the epoch's sample and correct
+    counts, though not out of each rank's mean batch loss).
 
     Rank r's k-th batch of ``b`` indices holds positions ``k·b·size + r + j·size`` of the
     sampler's permutation: the ranks' k-th batches together are the permutation's k-th global
@@ -155,8 +156,11 @@ def broadcast_buffers(module: nn.Module, world: World) -> None:
 
 def wrap(module: nn.Module) -> DistributedDataParallel:
     """``module`` under DDP. ``find_unused_parameters``: a training step reads the current
-    task's head (joint training: the heads of the tasks in the batch) and never the others."""
-    return DistributedDataParallel(module, find_unused_parameters=True)
+    task's head (joint training: the heads of the tasks in the batch) and never the others.
+    Buffers are not broadcast before every forward pass (the per-task masks and owner ids of
+    weight-level methods would travel every step): training normalizes with batch statistics,
+    and the trainer broadcasts rank 0's buffers after every epoch."""
+    return DistributedDataParallel(module, find_unused_parameters=True, broadcast_buffers=False)
 
 
 def state_checksum(tensors: dict[str, torch.Tensor], meta: object = None) -> str:

@@ -1,9 +1,11 @@
-"""Export one task's subnetwork as a standalone, physically smaller model.
+"""Export one task's subnetwork as a standalone model, physically smaller where the task leaves
+whole units (neurons, channels) unused.
 
 Task t needs a unit (a neuron or a channel) when a path of nonzero weights leads from it to task
 t's logits: its own units and the earlier tasks' units they read. With weight-level subnetworks
 the weights are the task's masked weights (``task_body``), so units the task's mask leaves empty
-are dropped. Everything else (later tasks' units, free and
+are dropped; the weights it masks inside kept units stay as zeros in dense tensors (the compact
+form of such a network is ``sparsecl.compact``). Everything else (later tasks' units, free and
 pruned units, and with a single head the other tasks' final-hidden units) reaches task t only
 through exact zeros, so dropping it changes nothing but the order of the sums (the exported
 logits match the full model's to float rounding). The rule reads only the weights, so it holds

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 
-_FLAT = -1  # entries fixed by flat index (fix_entries)
+_FLAT, _ENTRIES = -1, -2  # single entries fixed by flat index or through a bool mask (fix_entries)
 
 
 class Freezer:
@@ -27,7 +27,8 @@ class Freezer:
     ``param[:, zero_cols] = 0`` and then writes back the values that ``param[rows]`` and
     ``param[:, cols]`` had when ``fix`` was called (bool masks over dim 0 / dim 1, or ``None``).
     A 1-D parameter (a bias) takes ``rows`` only. Column-fixing serves a weight shared by all
-    tasks (a single head), whose columns belong to different tasks.
+    tasks (a single head), whose columns belong to different tasks. ``fix_entries(param,
+    entries)`` holds single entries (weight-level methods).
     """
 
     def __init__(self) -> None:
@@ -52,20 +53,27 @@ class Freezer:
 
     def fix_entries(self, param: nn.Parameter, entries: torch.Tensor) -> None:
         """Hold the entries of bool mask ``entries`` (``param``'s shape) at their current values:
-        weight-level methods freeze single weights (stored by flat index, so the per-step cost
-        is proportional to the frozen entries)."""
+        weight-level methods freeze single weights. A contiguous parameter is restored by flat
+        index (cost proportional to the frozen entries); any other memory layout
+        (``channels_last``) through the mask."""
         if entries.shape != param.shape:
             raise ValueError(f"freeze entries mask of shape {tuple(entries.shape)} does not match a "
                              f"parameter of shape {tuple(param.shape)}")
         if entries.any():
-            idx = entries.reshape(-1).nonzero().flatten().to(param.device)
-            self._fixed.append((param, _FLAT, idx, param.detach().reshape(-1).index_select(0, idx).clone()))
+            entries = entries.to(param.device)
+            if param.is_contiguous():
+                idx = entries.reshape(-1).nonzero().flatten()
+                self._fixed.append((param, _FLAT, idx, param.detach().view(-1).index_select(0, idx).clone()))
+            else:
+                self._fixed.append((param, _ENTRIES, entries, param.detach()[entries].clone()))
 
     @torch.no_grad()
     def restore(self) -> None:
         for param, dim, idx, values in self._fixed:
             if dim == _FLAT:
                 param.view(-1).index_copy_(0, idx, values)
+            elif dim == _ENTRIES:
+                param.data[idx] = values
             elif values is None:
                 param.index_fill_(dim, idx, 0.0)
             else:

@@ -32,6 +32,7 @@ CONFIG_KEYS = ("method", "benchmark", "epochs", "optimizer", "lr", "batch_size",
                "method_options")
 REUSE_FIELDS = ("units", "owned", "free", "reused")  # neuron-level; weight-level: "weights" and "used" too
 BITS_FIELDS = ("raw", "coded", "stored", "entropy")
+COMPACT_FIELDS = ("compact", "compact_task")  # TinySubNets' compact model file
 
 
 def _capacity_unit(m: dict[str, Any]) -> str:
@@ -450,8 +451,11 @@ def _markdown(m: dict[str, Any], images: list[str]) -> str:
                 "Bits per masked weight of what running every task so far needs (owner ids or task masks): "
                 "raw, entropy-coded, stored (the smaller of the two) and the Shannon bound; a float32 weight is "
                 "32 bits.", ""]
-        out += _table(["after task", *BITS_FIELDS], [[t, *(f"{bits[f][t]:.3f}" for f in BITS_FIELDS)]
-                                                     for t in range(T)])
+        shown = BITS_FIELDS + tuple(f for f in COMPACT_FIELDS if f in bits)
+        if len(shown) > len(BITS_FIELDS):
+            out += ["`compact`: the compact model file (`sparsecl export --compact`) of every task so far, all "
+                    "its bits over the dense float32 model's parameters; `compact_task`: the last task alone.", ""]
+        out += _table(["after task", *shown], [[t, *(f"{bits[f][t]:.3f}" for f in shown)] for t in range(T)])
     if m.get("routing") is not None:
         out += _routing_markdown(m["routing"], T, acc)
     shown = [k for k in CONFIG_KEYS if k in config]

@@ -113,11 +113,13 @@ def normalization_record(normalize) -> list | None:
 class CheckpointWriter:
     """``on_task_end`` callback of ``Trainer.fit``: writes the run's checkpoint to ``path`` after
     every task, atomically replacing the previous one. ``normalize``: each task's per-channel
-    input normalization (``TaskData.normalize``), kept for ``export``."""
+    input normalization (``TaskData.normalize``), kept for ``export``; ``world_size``: the number
+    of data-parallel processes (a resume with another number is not bitwise)."""
 
     def __init__(self, path: Path, spec: RunSpec, method: Method, input_shape: tuple[int, ...],
-                 num_tasks: int, device: str = "cpu", normalize: list | None = None):
+                 num_tasks: int, device: str = "cpu", normalize: list | None = None, world_size: int = 1):
         self.path, self.spec, self.method = Path(path), spec, method
+        self.world_size = world_size
         self.input_shape, self.num_tasks = list(input_shape), num_tasks
         self.device = torch.device(device).type
         self.normalize = [normalization_record(n) for n in normalize or [None] * num_tasks]
@@ -135,7 +137,7 @@ class CheckpointWriter:
                     "structure": net.structure(),
                     "method": self.method.name, "method_state": method_meta, "run": run_meta,
                     "tasks_done": state.tasks_done, "total_tasks": self.num_tasks, "device": self.device,
-                    "normalize": self.normalize}
+                    "normalize": self.normalize, "world_size": self.world_size}
         save_checkpoint(self.path, manifest, tensors)
 
 

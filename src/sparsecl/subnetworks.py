@@ -85,7 +85,7 @@ class TaskSubnetworks(nn.Module):
             self.register_buffer(f"owner{i}", torch.full(w.shape, FREE, dtype=torch.int8, device=w.device))
         self.tasks = nn.ModuleList()
         self._live: tuple[int, Effective] | None = None
-        self._cache: tuple[int, list[torch.Tensor]] | None = None
+        self._cache: tuple[tuple, list[torch.Tensor]] | None = None
 
     # ----------------------------------------------------------------------------- structure
     @property
@@ -139,9 +139,15 @@ class TaskSubnetworks(nn.Module):
         return unpack_mask(getattr(self.tasks[task], f"mask{i}"), tuple(owner.shape))
 
     def masks(self, task: int) -> list[torch.Tensor]:
-        """``mask(task, i)`` for every layer (the last task asked is cached)."""
-        if self._cache is None or self._cache[0] != task:
-            self._cache = (task, [self.mask(task, i) for i in range(len(self.layers))])
+        """``mask(task, i)`` for every layer. The last task's masks are cached, keyed by the
+        storage and version of the tensors they come from, so that ``load_state_dict``, ``.to()``
+        or any in-place change of the owner ids or masks is never served a stale mask."""
+        sources = [self.owner(i) for i in range(len(self.layers))]
+        if self.mode == "masks":
+            sources += [getattr(self.tasks[task], f"mask{i}") for i in range(len(self.layers))]
+        key = (task, tuple((s.data_ptr(), s._version) for s in sources))
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, [self.mask(task, i) for i in range(len(self.layers))])
         return self._cache[1]
 
     @torch.no_grad()

@@ -233,8 +233,9 @@ class TaskSession:
         """Index batches of one pass: this rank's share of each global batch in a data-parallel
         shuffled pass, else every index (shuffled with the session's generator or in order)."""
         if shuffle and self.world is not None:
-            order, self._real = distributed.sampler_indices(n, self.world, self.config.seed * 1_000_003 + self.t,
-                                                            self._passes)
+            # the sampler seeds each pass with seed + pass: keep the tasks' seeds far apart
+            seed = (self.config.seed * 1_000_003 + self.t) * 100_003
+            order, self._real = distributed.sampler_indices(n, self.world, seed, self._passes)
             batch_size = distributed.local_batch_size(batch_size, self.world)
         else:
             order = torch.randperm(n, generator=self.generator) if shuffle else torch.arange(n)

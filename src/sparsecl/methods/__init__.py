@@ -7,6 +7,7 @@ from .eidetic import EideticConfig, EideticNets
 from .finetune import Finetune
 from .joint import Joint
 from .packnet import PackNet, PackNetConfig
+from .tinysubnets import TinySubNets, TinySubNetsConfig
 from .wsn import WSN, WSNConfig
 
 #: CLI name → (method class, its hyperparameter dataclass or None)
@@ -17,8 +18,9 @@ METHODS = {
     "finetune": (Finetune, None),
     "joint": (Joint, None),
     "packnet": (PackNet, PackNetConfig),
+    "tinysubnets": (TinySubNets, TinySubNetsConfig),
     "wsn": (WSN, WSNConfig),
 }
 
 __all__ = ["METHODS", "CLNP", "CLNPConfig", "DST", "DSTConfig", "EideticConfig", "EideticNets", "Finetune",
-           "Joint", "Method", "PackNet", "PackNetConfig", "WSN", "WSNConfig"]
+           "Joint", "Method", "PackNet", "PackNetConfig", "TinySubNets", "TinySubNetsConfig", "WSN", "WSNConfig"]

@@ -9,7 +9,9 @@ densities from ERK or uniform. Every ``update_interval`` steps, per layer, the s
 ``final_drop_fraction`` over the task's steps) and as many free inactive weights are regrown, by
 ``random``, ``unfired`` (never active during this task, then random), ``gradient`` (|dense
 gradient|, RigL) or ``momentum`` (|Adam m / (√v + 1e-8)|, or SGD's momentum buffer). Grown weights
-start at 0 with their optimizer state reset (RigL). The mask's density stays exactly d.
+start at 0 with their optimizer state reset (RigL). Each layer keeps the number of active weights
+it started the task with: its density d_l (ERK or uniform), rounded per layer, unless fewer
+candidate weights are left (without ``reuse_frozen``, only free weights are candidates).
 
 The training forward pass uses the active weights, with the dense gradient passed through to
 every weight (as in the reference code, where inactive weights are zeros in a dense layer), so
@@ -19,15 +21,18 @@ after every step.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import CapacityError, ConfigError
 from ..sparsity import auto_init, cosine_drop_fraction, erk_densities, layer_budget, uniform_densities
 from .weight import WeightIsolation
+
+log = logging.getLogger(__name__)
 
 INITS = ("erk", "uniform", "auto")
 GROWTHS = ("random", "unfired", "gradient", "momentum")
@@ -48,7 +53,8 @@ class DSTConfig:
     init: str = _opt("per-layer densities of the mask: erk, uniform, or auto (by --sparsity)", default="erk")
     growth: str = _opt("regrowth criterion: random, unfired, gradient or momentum", default="random")
     update_interval: int = _opt("ΔT: training steps between mask updates", default=400)
-    drop_fraction: float = _opt("fraction of a layer's trainable active weights dropped at the first update", default=0.5)
+    drop_fraction: float = _opt("fraction of a layer's trainable active weights dropped per update at the "
+                                "start of the task (cosine-decayed over the task's steps)", default=0.5)
     final_drop_fraction: float = _opt("drop fraction at the task's last step (cosine decay)", default=0.005)
     reuse_frozen: bool = _opt("the mask may include earlier tasks' frozen weights (reused unchanged)", default=True)
 
@@ -94,8 +100,16 @@ class DST(WeightIsolation):
         self.densities = (erk_densities if cfg.resolved_init == "erk" else uniform_densities)(shapes, density)
         candidates = [torch.ones_like(self.free(net, i)) if cfg.reuse_frozen else self.free(net, i)
                       for i in range(len(shapes))]
-        budget = layer_budget(self.densities, {n: math.prod(s) for n, s in shapes.items()},
-                              {n: int(c.sum()) for n, c in zip(shapes, candidates)})
+        sizes = {n: math.prod(s) for n, s in shapes.items()}
+        target = layer_budget(self.densities, sizes)
+        budget = layer_budget(self.densities, sizes, {n: int(c.sum()) for n, c in zip(shapes, candidates)})
+        for name in shapes:
+            if budget[name] == 0 < target[name]:
+                raise CapacityError(f"layer '{name}' has no free weight left for task {t}'s mask of {target[name]} "
+                                    "weights; let the task reuse frozen weights (--reuse-frozen) or lower its density")
+            if budget[name] < target[name]:
+                log.warning("task %d: layer '%s' has %d free weights for a mask of %d", t, name, budget[name],
+                            target[name])
         self.active, self.fired = [], []
         for i, name in enumerate(sub.layers):
             w, free = self.weight(net, i), self.free(net, i)
@@ -120,6 +134,9 @@ class DST(WeightIsolation):
         self._optimizer = session.optimizer
         steps_per_epoch = math.ceil(len(session.task.train_y) / session.config.batch_size)
         self._total_steps = max(1, session.config.epochs * steps_per_epoch)
+        if cfg.update_interval >= self._total_steps:
+            log.warning("task %d: --update-interval %d is not below the task's %d training steps: the mask "
+                        "never changes (static sparse training)", session.t, cfg.update_interval, self._total_steps)
         session.fit(session.config.epochs)
         self._optimizer = None
 
@@ -149,13 +166,13 @@ class DST(WeightIsolation):
             if n == 0:
                 continue
             magnitude = torch.where(trainable, w.abs(), torch.inf).flatten()
-            drop = torch.topk(magnitude, n, largest=False).indices
-            active.view(-1)[drop] = False
-            w.view(-1)[drop] = 0.0
+            drop = _mask_of(torch.topk(magnitude, n, largest=False).indices, w)
+            active &= ~drop
+            w.masked_fill_(drop, 0.0)
             candidates = free & ~active  # includes the just-dropped weights, as in RigL
-            grow = self._grow(i, w, candidates, n)
-            active.view(-1)[grow] = True
-            w.view(-1)[grow] = 0.0  # grown weights start at zero (RigL)
+            grow = _mask_of(self._grow(i, w, candidates, n), w)
+            active |= grow
+            w.masked_fill_(grow, 0.0)  # grown weights start at zero (RigL)
             self._reset_state(w, grow)
             self.fired[i] |= active
             moved += n
@@ -188,12 +205,12 @@ class DST(WeightIsolation):
         return torch.topk(score, n).indices
 
     def _reset_state(self, w: torch.Tensor, grown: torch.Tensor) -> None:
-        """Zero the optimizer state of grown weights (RigL resets it; a new connection should
-        not inherit the moments of the one that was there before)."""
+        """Zero the optimizer state of the grown weights (bool mask, ``w``'s shape): RigL resets
+        it; a new connection should not inherit the moments of the one that was there before."""
         state = self._optimizer.state.get(w, {}) if self._optimizer is not None else {}
         for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
             if isinstance(state.get(key), torch.Tensor):
-                state[key].view(-1)[grown] = 0.0
+                state[key].masked_fill_(grown, 0.0)
 
     def used(self, net, t: int) -> list[torch.Tensor]:
         return [a.clone() for a in self.active]
@@ -201,6 +218,13 @@ class DST(WeightIsolation):
     def task_log(self, net, t: int) -> dict:
         return {"init": self.config.resolved_init, "densities": self.densities, "updates": len(self._updates),
                 "moved": sum(u["moved"] for u in self._updates)}
+
+
+def _mask_of(flat_indices: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Bool mask of ``like``'s shape with the entries at row-major ``flat_indices`` set."""
+    out = torch.zeros(like.numel(), dtype=torch.bool, device=like.device)
+    out[flat_indices] = True
+    return out.view(like.shape)
 
 
 def _random_subset(mask: torch.Tensor, k: int) -> torch.Tensor:

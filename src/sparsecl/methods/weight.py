@@ -41,6 +41,9 @@ class WeightIsolation(Method):
     def __init__(self) -> None:
         self.freezer = Freezer()
         self.log: list[dict] = []
+        #: (task, layer index) → sorted codebook of the task's weights in that layer, for the
+        #: compact file (``sparsecl.compact``); empty unless the method quantizes (TinySubNets)
+        self.codebooks: dict[tuple[int, int], torch.Tensor] = {}
 
     # ---- hooks -------------------------------------------------------------------------------
     def setup(self, net) -> None:
@@ -48,6 +51,9 @@ class WeightIsolation(Method):
 
     def begin_task(self, net, t: int, task) -> None:
         sub = net.subnetworks
+        with torch.no_grad():  # the method's own parameters follow the network (restored on the CPU, moved later)
+            for p in self.own_parameters():
+                p.data = p.data.to(self.weight(net, 0).device)
         self.freezer.clear()
         for i in range(len(sub.layers)):
             self.freezer.fix_entries(self.weight(net, i), sub.owner(i) != FREE)

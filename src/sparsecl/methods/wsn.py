@@ -24,8 +24,8 @@ def _opt(help: str, **kw):
 class WSNConfig:
     """WSN hyperparameters. ``density`` is the paper's c (the reference code's ``--sparsity``
     after its ``1 - x``): c = 0.5 for its CIFAR-100 and Permuted-MNIST results. Scores train with
-    the weights' optimizer and learning rate and are never re-initialized between tasks, as in
-    the reference code (ihaeyong/WSN)."""
+    the weights' optimizer and learning rate (and its weight decay, if any: the reference uses
+    none) and are never re-initialized between tasks, as in the reference code (ihaeyong/WSN)."""
 
     density: float = _opt("c: fraction of each layer's weights in a task's subnetwork", default=0.5)
 
@@ -38,7 +38,7 @@ def top_fraction(scores: torch.Tensor, fraction: float) -> torch.Tensor:
     """Bool mask (``scores``' shape) of exactly ``round(fraction · numel)`` entries (at least one)
     of largest ``|scores|`` (among equal scores at the cut, ``torch.topk`` picks)."""
     flat = scores.detach().abs().flatten()
-    k = max(1, round(fraction * flat.numel()))
+    k = max(1, math.floor(fraction * flat.numel() + 0.5))  # half up, as sparsity.layer_budget
     idx = torch.topk(flat, k, sorted=False).indices  # a selection, not a sort: ~7x faster per step
     mask = torch.zeros_like(flat, dtype=torch.bool)
     mask[idx] = True
