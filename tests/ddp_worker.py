@@ -6,7 +6,7 @@ network, the ledger) and ``OUT_DIR/rank{r}.json`` (the result and sharded-vs-who
 checks), so that the test compares the ranks itself, independently of the trainer's checksum.
 
 MODE ``train``: EideticNets; ``wsn``, ``dst``: the weight-level methods (scores and drop/regrow
-under DDP), with AdamW weight decay; ``diverge``: a method whose rank 1 gives one extra unit
+under DDP), with AdamW weight decay; ``tinysubnets`` (pruning and k-means decided on every rank); ``diverge``: a method whose rank 1 gives one extra unit
 away, which the trainer's cross-rank check must refuse.
 """
 
@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 
 from sparsecl import distributed
 from sparsecl.data import load_benchmark
-from sparsecl.methods import DST, WSN, DSTConfig, EideticConfig, EideticNets, WSNConfig
+from sparsecl.methods import (DST, WSN, DSTConfig, EideticConfig, EideticNets, TinySubNets, TinySubNetsConfig,
+                              WSNConfig)
 from sparsecl.models import mlp
 from sparsecl.network import ContinualNetwork
 from sparsecl.trainer import TrainConfig, Trainer, accuracy
@@ -49,6 +50,8 @@ def main(out: Path, data_root: str, mode: str) -> None:
     if mode == "wsn":
         method = WSN(WSNConfig(density=0.3))
         config = TrainConfig(**{**CONFIG, "optimizer": "adamw", "weight_decay": 0.05})
+    elif mode == "tinysubnets":
+        method = TinySubNets(TinySubNetsConfig(density=0.3, prune_rounds=2, max_levels=16))
     elif mode == "dst":
         method = DST(DSTConfig(sparsity=0.7, update_interval=5, growth="momentum"))
         config = TrainConfig(**{**CONFIG, "optimizer": "adamw", "weight_decay": 0.05})

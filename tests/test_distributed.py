@@ -28,7 +28,7 @@ def _launch(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Comple
 
 
 @pytest.mark.parametrize("mode,ledger", [("train", "method.owner."), ("wsn", "net.subnetworks.owner"),
-                                         ("dst", "net.subnetworks.owner")])
+                                         ("dst", "net.subnetworks.owner"), ("tinysubnets", "net.subnetworks.owner")])
 def test_two_ranks_hold_identical_networks_and_ledgers(tmp_path, data_root, mode, ledger):
     """EideticNets (unit ledger), WSN (scores all-reduced with the network) and DST (drop and
     regrow from all-reduced gradients and momenta) under AdamW weight decay."""
@@ -36,7 +36,7 @@ def test_two_ranks_hold_identical_networks_and_ledgers(tmp_path, data_root, mode
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1)]
     assert ranks[0].keys() == ranks[1].keys() and any(k.startswith(ledger) for k in ranks[0])
-    if mode == "wsn":
+    if mode in ("wsn", "tinysubnets"):
         assert any(k.startswith("method.own.") for k in ranks[0])  # the scores
     for key in ranks[0]:
         assert torch.equal(ranks[0][key], ranks[1][key]), key

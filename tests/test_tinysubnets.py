@@ -125,6 +125,10 @@ def test_cli_compact_export_reads_back_bitwise(tmp_path):
     assert compact == compact_payload(net, restore(load_checkpoint(tmp_path / "run"))[1].codebooks
                                       ).bits_per_parameter()["total"]
     assert compact < unquantized / 2 and unquantized < 32
+    with torch.inference_mode():  # a model read in inference mode runs too
+        again, _ = read_compact(tmp_path / "model.compact")
+        x = bench.tasks[0].prepare(bench.tasks[0].test_x)
+        assert torch.equal(again(x, 0), small(x, 0))
     result = run("eval", tmp_path / "model.compact")
     assert result.exit_code == 0 and f"{100 * metrics['acc']:.2f}%" in result.output
     data = bytearray((tmp_path / "model.compact").read_bytes())
@@ -132,3 +136,5 @@ def test_cli_compact_export_reads_back_bitwise(tmp_path):
     (tmp_path / "bad.compact").write_bytes(bytes(data))
     result = run("eval", tmp_path / "bad.compact")
     assert result.exit_code != 0 and "bad.compact" in result.output
+    result = run("export", tmp_path / "model.compact", "--task", "0", "--out", tmp_path / "t0.pt2")
+    assert result.exit_code != 0 and "is a compact model" in result.output

@@ -226,7 +226,8 @@ def test_masks_are_bit_packed_and_storage_is_reported():
 
 
 @pytest.mark.parametrize("name,options", [("wsn", {"density": 0.4}),
-                                          ("dst", {"sparsity": 0.7, "update_interval": 5, "growth": "gradient"})])
+                                          ("dst", {"sparsity": 0.7, "update_interval": 5, "growth": "gradient"}),
+                                          ("tinysubnets", {"density": 0.4, "prune_rounds": 3, "max_levels": 16})])
 def test_resume_is_bitwise_for_weight_methods(tmp_path, name, options):
     """A run stopped after 2 of 5 tasks and resumed with ``sparsecl run --resume`` ends with the
     same metrics and checkpoint tensors (ledger, masks, per-task BatchNorm, scores) as an
@@ -258,7 +259,9 @@ def test_resume_is_bitwise_for_weight_methods(tmp_path, name, options):
     assert resumed["accuracy_matrix"] == full.accuracy_matrix
     assert resumed["bits_per_parameter"] == full.bits_per_parameter
     a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "cut")
-    assert any(".mask0" in k for k in a.tensors) and any(k.startswith("method.own.") for k in a.tensors) == (name == "wsn")
+    assert any(".mask0" in k for k in a.tensors)
+    assert any(k.startswith("method.own.") for k in a.tensors) == (name != "dst")  # WSN's scores
+    assert any(k.startswith("method.codebook.") for k in a.tensors) == (name == "tinysubnets")
     assert a.tensors.keys() == b.tensors.keys()
     assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
 

@@ -291,8 +291,9 @@ def evaluate(checkpoint, benchmark, num_tasks, seed, permute_first, max_test_per
         if routing == "classifier":
             router = None if state is None or state.routing is None else state.routing.router
             if router is None:
-                raise ConfigError(f"{ckpt.path} holds no task router (its run did not use --routing classifier); "
-                                  "--routing entropy needs none")
+                why = ("a compact model keeps no task router" if state is None
+                       else "its run did not use --routing classifier")
+                raise ConfigError(f"{ckpt.path} holds no task router ({why}); --routing entropy needs none")
             router.to(device)
         if benchmark is None:
             only_with = [k for k in ("num_tasks", "seed", "permute_first", "max_test_per_task",

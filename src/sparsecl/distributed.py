@@ -145,8 +145,8 @@ def all_reduce_sum(values: torch.Tensor, world: World) -> torch.Tensor:
 
 @torch.no_grad()
 def broadcast_buffers(module: nn.Module, world: World) -> None:
-    """Copy rank 0's buffers (BatchNorm statistics) to every rank, as DDP does before a forward
-    pass; after an epoch the ranks' statistics differ by the last batch each one saw."""
+    """Copy rank 0's buffers (BatchNorm statistics) to every rank: during an epoch each rank
+    updates its statistics from its own batches."""
     for buf in module.buffers():
         staged = buf.to(world.device)
         dist.broadcast(staged, 0)
@@ -157,10 +157,11 @@ def broadcast_buffers(module: nn.Module, world: World) -> None:
 def wrap(module: nn.Module) -> DistributedDataParallel:
     """``module`` under DDP. ``find_unused_parameters``: a training step reads the current
     task's head (joint training: the heads of the tasks in the batch) and never the others.
-    Buffers are not broadcast before every forward pass (the per-task masks and owner ids of
-    weight-level methods would travel every step): training normalizes with batch statistics,
-    and the trainer broadcasts rank 0's buffers after every epoch."""
-    return DistributedDataParallel(module, find_unused_parameters=True, broadcast_buffers=False)
+    Buffers are synchronized when the wrapper is built, not before every forward pass (the
+    per-task masks and owner ids of weight-level methods would travel every step): training
+    normalizes with batch statistics, and the trainer broadcasts rank 0's buffers after every
+    epoch."""
+    return DistributedDataParallel(module, find_unused_parameters=True, forward_sync_buffers=False)
 
 
 def state_checksum(tensors: dict[str, torch.Tensor], meta: object = None) -> str:

@@ -161,6 +161,10 @@ def restore(ckpt: Checkpoint, spec: RunSpec | None = None,
             names the tensors), the saved method differs from ``spec.method``, or
             ``continue_on`` is another kind of device.
     """
+    if ckpt.manifest.get("compact_format"):
+        raise CheckpointError(f"{ckpt.path} is a compact model (sparsecl export --compact): sparsecl eval and "
+                              "sparsecl.compact.read_compact run it, but it holds no run to continue or export "
+                              "from; use the run's checkpoint (its --out folder)")
     missing = [k for k in ("spec", "input_shape", "structure", "method", "run") if k not in ckpt.manifest]
     if missing:
         raise CheckpointError(f"checkpoint {ckpt.path}: its manifest lacks {', '.join(missing)}")

@@ -145,7 +145,8 @@ class TaskSubnetworks(nn.Module):
         sources = [self.owner(i) for i in range(len(self.layers))]
         if self.mode == "masks":
             sources += [getattr(self.tasks[task], f"mask{i}") for i in range(len(self.layers))]
-        key = (task, tuple((s.data_ptr(), s._version) for s in sources))
+        # inference-mode tensors keep no version counter (and cannot be changed outside that mode)
+        key = (task, tuple((s.data_ptr(), 0 if s.is_inference() else s._version) for s in sources))
         if self._cache is None or self._cache[0] != key:
             self._cache = (key, [self.mask(task, i) for i in range(len(self.layers))])
         return self._cache[1]

@@ -233,8 +233,9 @@ class TaskSession:
         """Index batches of one pass: this rank's share of each global batch in a data-parallel
         shuffled pass, else every index (shuffled with the session's generator or in order)."""
         if shuffle and self.world is not None:
-            # the sampler seeds each pass with seed + pass: keep the tasks' seeds far apart
-            seed = (self.config.seed * 1_000_003 + self.t) * 100_003
+            # the sampler seeds each pass with seed + pass: hash (seed, task) so tasks never share a pass's seed
+            seed = int.from_bytes(hashlib.sha256(repr(("sampler", int(self.config.seed), int(self.t))).encode())
+                                  .digest()[:8], "little") >> 2
             order, self._real = distributed.sampler_indices(n, self.world, seed, self._passes)
             batch_size = distributed.local_batch_size(batch_size, self.world)
         else:

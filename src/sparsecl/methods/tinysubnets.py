@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from sklearn.cluster import KMeans
+from threadpoolctl import threadpool_limits
 
 from ..compact import compact_payload
 from ..errors import ConfigError
@@ -84,18 +85,23 @@ def kmeans_codebook(values: torch.Tensor, levels: int, seed: int) -> torch.Tenso
     data = flat.numpy()
     if len(data) > KMEANS_SAMPLE:
         data = data[rng.choice(len(data), KMEANS_SAMPLE, replace=False)]
-    km = KMeans(n_clusters=levels, n_init=1, random_state=int(rng.integers(2**31 - 1))).fit(data.reshape(-1, 1))
+    # one OpenMP thread: scikit-learn sums the Lloyd steps' partial results per thread, so the
+    # codebook (and every later task) would depend on the machine's thread count
+    with threadpool_limits(1, user_api="openmp"):
+        km = KMeans(n_clusters=levels, n_init=1, random_state=int(rng.integers(2**31 - 1))).fit(data.reshape(-1, 1))
     return torch.unique(torch.from_numpy(km.cluster_centers_.astype(np.float32).flatten()))
 
 
 def quantize(values: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Each of ``values`` replaced by its nearest entry of the sorted ``codebook`` (same shape
-    and device as ``values``)."""
+    and device as ``values``; midpoints in float64, so that a value equal to an entry maps to it
+    even when two entries are adjacent floats)."""
     cb = codebook.to(values.device, values.dtype)
     if len(cb) == 1:
         return cb.expand_as(values).clone()
-    mids = (cb[1:] + cb[:-1]) / 2
-    return cb[torch.bucketize(values, mids)]
+    wide = cb.double()
+    mids = (wide[1:] + wide[:-1]) / 2
+    return cb[torch.bucketize(values.double(), mids)]
 
 
 class TinySubNets(WSN):
@@ -133,14 +139,14 @@ class TinySubNets(WSN):
         base = session.accuracy("val")
         rounds = []
         for _ in range(cfg.prune_rounds):
-            layers = [i for i, m in enumerate(self.final) if (m & self.free(net, i)).any()]
+            # layers with at least one new weight to drop
+            layers = [i for i, m in enumerate(self.final)
+                      if math.floor(cfg.prune_fraction * int((m & self.free(net, i)).sum())) > 0]
             if not layers:
                 break
             i = layers[int(torch.randint(len(layers), ()))]  # the global RNG: identical on every DDP rank
             w, new = self.weight(net, i), self.final[i] & self.free(net, i)
             k = math.floor(cfg.prune_fraction * int(new.sum()))
-            if k == 0:
-                continue
             magnitude = torch.where(new, w.abs(), torch.inf).flatten()
             drop = torch.zeros_like(new).flatten()
             drop[torch.topk(magnitude, k, largest=False).indices] = True
@@ -164,7 +170,8 @@ class TinySubNets(WSN):
             original = w[new].clone()
             tried = []
             for levels in cfg.levels:
-                codebook = kmeans_codebook(original, levels, seed=t * 1_000_003 + i * 1_009 + levels)
+                seed = int(torch.randint(2**31 - 1, ()))  # from the run's seed, the same on every DDP rank
+                codebook = kmeans_codebook(original, levels, seed=seed)
                 w[new] = quantize(original, codebook)
                 acc = session.accuracy("val")
                 tried.append({"levels": levels, "val_accuracy": acc})
