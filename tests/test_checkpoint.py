@@ -23,6 +23,7 @@ from sparsecl.models import mlp
 from sparsecl.network import ContinualNetwork
 from sparsecl.runs import CheckpointWriter, RunSpec, build_method, build_network, build_stream, restore
 from sparsecl.trainer import TrainConfig, Trainer
+from interrupted import run_with_checkpoints
 from synthetic import cluster_benchmark
 
 RUN = ["--method", "clnp", "--epochs", "8", "--hidden", "64,64", "--batch-size", "32", "--alpha", "1e-4",
@@ -272,21 +273,9 @@ def test_a_resumed_run_gives_the_same_routing_results(tmp_path):
                     "momentum": 0.0, "seed": 0, "routing": "classifier", "router_buffer": 60, "router_epochs": 5})
     bench = build_stream(spec)
 
-    def run(out, stop_after=None):
-        out.mkdir()
-        method = build_method(spec.method, spec.method_options)
-        writer = CheckpointWriter(out / CHECKPOINT_NAME, spec, method, bench.input_shape, bench.num_tasks)
-
-        def on_task_end(net, state):
-            writer(net, state)
-            if state.tasks_done == stop_after:
-                raise KeyboardInterrupt
-
-        return Trainer(method, spec.train_config()).fit(build_network(spec, bench), bench, on_task_end=on_task_end)
-
-    full = run(tmp_path / "full").routing
+    full = run_with_checkpoints(spec, bench, tmp_path / "full").routing
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "cut", stop_after=2)
+        run_with_checkpoints(spec, bench, tmp_path / "cut", stop_after=2)
     assert _tasks_done(tmp_path / "cut" / CHECKPOINT_NAME) == 2
     result = _cli("run", "--resume", tmp_path / "cut", "--no-progress")
     assert result.exit_code == 0, result.output

@@ -12,7 +12,7 @@ import torch
 
 from click.testing import CliRunner
 
-from sparsecl.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from sparsecl.checkpoint import load_checkpoint
 from sparsecl.cli import main
 from sparsecl.errors import CapacityError, ConfigError
 from sparsecl.export import task_model
@@ -20,10 +20,11 @@ from sparsecl.ledger import FREE
 from sparsecl.methods import DST, WSN, DSTConfig, PackNet, PackNetConfig, WSNConfig
 from sparsecl.models import mlp
 from sparsecl.network import ContinualNetwork
-from sparsecl.runs import CheckpointWriter, RunSpec, build_method, build_network, build_stream
+from sparsecl.runs import RunSpec, build_stream
 from sparsecl.sparsity import erk_densities, uniform_densities
 from sparsecl.storage import owner_bits
 from sparsecl.trainer import TrainConfig, Trainer, predict
+from interrupted import run_with_checkpoints
 from synthetic import ChecksOldLogits, cluster_benchmark, image_benchmark
 from test_conv import TinyResNet, tiny_convnet
 
@@ -238,21 +239,9 @@ def test_resume_is_bitwise_for_weight_methods(tmp_path, name, options):
                     "momentum": 0.0, "seed": 0})
     bench = build_stream(spec)
 
-    def run(out, stop_after=None):
-        out.mkdir()
-        method = build_method(spec.method, spec.method_options)
-        writer = CheckpointWriter(out / CHECKPOINT_NAME, spec, method, bench.input_shape, bench.num_tasks)
-
-        def on_task_end(net, state):
-            writer(net, state)
-            if state.tasks_done == stop_after:
-                raise KeyboardInterrupt
-
-        return Trainer(method, spec.train_config()).fit(build_network(spec, bench), bench, on_task_end=on_task_end)
-
-    full = run(tmp_path / "full")
+    full = run_with_checkpoints(spec, bench, tmp_path / "full")
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "cut", stop_after=2)
+        run_with_checkpoints(spec, bench, tmp_path / "cut", stop_after=2)
     result = CliRunner().invoke(main, ["run", "--resume", str(tmp_path / "cut"), "--no-progress"])
     assert result.exit_code == 0, result.output
     resumed = json.loads((tmp_path / "cut" / "metrics.json").read_text())
