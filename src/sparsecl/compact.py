@@ -40,8 +40,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -51,10 +51,10 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import CheckpointError, ConfigError
 from .ledger import FREE
 from .network import ContinualNetwork
+from .storage import MAX_PACKED_TASKS, entropy_decode, entropy_encode, pack_uint, unpack_uint
 
 if TYPE_CHECKING:
-    from .runs import RunSpec
-from .storage import MAX_PACKED_TASKS, entropy_decode, entropy_encode, pack_uint, unpack_uint
+    from .runs import RunSpec  # imported at run time inside the functions: runs imports the methods
 
 FORMAT = "sparsecl-compact"
 VERSION = 1
