@@ -165,8 +165,7 @@ class DST(WeightIsolation):
             n = math.ceil(fraction * int(trainable.sum()))
             if n == 0:
                 continue
-            magnitude = torch.where(trainable, w.abs(), torch.inf).flatten()
-            drop = _mask_of(torch.topk(magnitude, n, largest=False).indices, w)
+            drop = self.smallest(w, trainable, n)
             active &= ~drop
             w.masked_fill_(drop, 0.0)
             candidates = free & ~active  # includes the just-dropped weights, as in RigL

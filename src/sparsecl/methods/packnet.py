@@ -70,10 +70,7 @@ class PackNet(WeightIsolation):
             k = round(self.config.prune * int(new.sum()))
             if k == 0:
                 continue
-            magnitude = torch.where(new, w.abs(), torch.inf).flatten()
-            drop = torch.zeros_like(new).flatten()
-            drop[torch.topk(magnitude, k, largest=False).indices] = True
-            drop = drop.view_as(new)
+            drop = self.smallest(w, new, k)
             self.active[i] &= ~drop
             w.masked_fill_(drop, 0.0)
 

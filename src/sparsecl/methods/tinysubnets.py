@@ -147,10 +147,7 @@ class TinySubNets(WSN):
             i = layers[int(torch.randint(len(layers), ()))]  # the global RNG: identical on every DDP rank
             w, new = self.weight(net, i), self.final[i] & self.free(net, i)
             k = math.floor(cfg.prune_fraction * int(new.sum()))
-            magnitude = torch.where(new, w.abs(), torch.inf).flatten()
-            drop = torch.zeros_like(new).flatten()
-            drop[torch.topk(magnitude, k, largest=False).indices] = True
-            drop = drop.view_as(new)
+            drop = self.smallest(w, new, k)
             self.final[i] &= ~drop
             acc = session.accuracy("val")
             kept = acc >= base - cfg.prune_tolerance

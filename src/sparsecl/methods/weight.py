@@ -89,6 +89,15 @@ class WeightIsolation(Method):
         return net.subnetworks.weight(net.body, i)
 
     @staticmethod
+    def smallest(weight: torch.Tensor, among: torch.Tensor, k: int) -> torch.Tensor:
+        """Bool mask (``weight``'s shape) of the ``k`` entries of bool mask ``among`` with the
+        smallest ``|weight|``: what PackNet, TinySubNets and DST drop."""
+        magnitude = torch.where(among, weight.abs(), torch.inf).flatten()
+        out = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
+        out[torch.topk(magnitude, k, largest=False).indices] = True
+        return out.view(weight.shape)
+
+    @staticmethod
     def free(net, i: int) -> torch.Tensor:
         """Bool mask of layer i's weights no task owns (trainable now)."""
         return net.subnetworks.owner(i) == FREE
