@@ -4,17 +4,19 @@
 # Adam lr 1e-3, seed 0. Writes runs/pmnist-weight-TAG/ for each run; summarize with
 #   python benchmarks/summarize.py runs/pmnist-weight-*
 # Usage: benchmarks/pmnist_weight_level.sh [TAG ...]   (default: every run below)
-#   TAGs: packnet wsn-0.03 wsn-0.1 wsn-0.5 tsn-0.5 (TinySubNets, c = 0.5) dst-erk-random dst-uniform-random
+#   TAGs: packnet, packnet-shares (equal shares among the 10 tasks), wsn-0.03, wsn-0.1, wsn-0.5,
+#   tsn-0.5 (TinySubNets, c = 0.5), dst-erk-random, dst-uniform-random
 #   Needs SPARSECL_DATA (or --data-root in the environment's sparsecl config).
 set -euo pipefail
 common=(--benchmark permuted-mnist --model mlp --hidden 100,100 --epochs 5 --batch-size 10
         --optimizer adam --lr 1e-3 --seed 0 --no-progress)
 run() { local tag=$1; shift; sparsecl run "${common[@]}" --out "runs/pmnist-weight-$tag" "$@"; }
 tags=("$@")
-[ ${#tags[@]} -eq 0 ] && tags=(packnet wsn-0.03 wsn-0.1 wsn-0.5 tsn-0.5 dst-erk-random dst-uniform-random)
+[ ${#tags[@]} -eq 0 ] && tags=(packnet packnet-shares wsn-0.03 wsn-0.1 wsn-0.5 tsn-0.5 dst-erk-random dst-uniform-random)
 for tag in "${tags[@]}"; do
   case "$tag" in
     packnet) run "$tag" --method packnet --epochs 4 --prune 0.75 --retrain-epochs 1 ;;
+    packnet-shares) run "$tag" --method packnet --epochs 4 --shares 10 --retrain-epochs 1 ;;
     wsn-*) run "$tag" --method wsn --density "${tag#wsn-}" ;;
     tsn-*) run "$tag" --method tinysubnets --density "${tag#tsn-}" ;;
     dst-*-*) IFS=- read -r _ init growth <<< "$tag"

@@ -5,7 +5,8 @@
 # 1 retraining epoch. DST: a mask update every 20 steps (a task has about 140 steps at this
 # budget; the reference code's 400 would never update). Writes runs/cifar100-weight-TAG/.
 # Usage: benchmarks/split_cifar100_weight_level.sh [TAG ...]   (default: every run below)
-#   TAGs: packnet, wsn-C (C = 0.03, 0.1, 0.5), tsn-C (TinySubNets), dst-INIT-GROWTH-SPARSITY with INIT erk|uniform,
+#   TAGs: packnet, packnet-shares (equal shares among the 10 tasks), wsn-C (C = 0.03, 0.1, 0.5),
+#   tsn-C (TinySubNets), dst-INIT-GROWTH-SPARSITY with INIT erk|uniform,
 #   GROWTH random|unfired|gradient|momentum, SPARSITY 0.8|0.9|0.95.
 #   Needs SPARSECL_DATA (or --data-root).
 set -euo pipefail
@@ -14,13 +15,14 @@ common=(--benchmark split-cifar100 --model alexnet-like --epochs 2 --batch-size 
 run() { local tag=$1; shift; sparsecl run "${common[@]}" --out "runs/cifar100-weight-$tag" "$@"; }
 tags=("$@")
 if [ ${#tags[@]} -eq 0 ]; then
-  tags=(packnet wsn-0.03 wsn-0.1 wsn-0.5 tsn-0.5)
+  tags=(packnet packnet-shares wsn-0.03 wsn-0.1 wsn-0.5 tsn-0.5)
   for s in 0.8 0.9 0.95; do for i in erk uniform; do for g in random unfired gradient momentum; do
     tags+=("dst-$i-$g-$s"); done; done; done
 fi
 for tag in "${tags[@]}"; do
   case "$tag" in
     packnet) run "$tag" --method packnet --epochs 1 --prune 0.75 --retrain-epochs 1 ;;
+    packnet-shares) run "$tag" --method packnet --epochs 1 --shares 10 --retrain-epochs 1 ;;
     wsn-*) run "$tag" --method wsn --density "${tag#wsn-}" ;;
     tsn-*) run "$tag" --method tinysubnets --density "${tag#tsn-}" ;;
     dst-*-*-*) IFS=- read -r _ init growth sparsity <<< "$tag"

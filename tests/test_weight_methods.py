@@ -147,6 +147,26 @@ def test_packnet_task_uses_the_weights_of_tasks_up_to_it():
     assert result.bits_per_parameter["raw"] == [owner_bits(t + 1) for t in range(3)]
 
 
+def test_packnet_shares_split_each_layer_equally_and_refuse_an_unplanned_task():
+    bench = cluster_benchmark(num_tasks=4, n_train=120)
+    method = PackNet(PackNetConfig(shares=3, retrain_epochs=1))
+    torch.manual_seed(0)
+    net = ContinualNetwork(mlp((20,), (16, 12), 3))
+    trainer = Trainer(method, TrainConfig(epochs=1, batch_size=32))
+    with pytest.raises(CapacityError, match="task 3 is beyond the 3 tasks --shares planned"):
+        trainer.fit(net, bench)
+    for i in range(len(net.subnetworks.layers)):
+        owner = net.subnetworks.owner(i)
+        free, kept = owner.numel(), []
+        for t in range(3):
+            kept.append(int((owner == t).sum()))
+            assert kept[-1] == free - round((1 - 1 / (3 - t)) * free)
+            free -= kept[-1]
+        assert free == 0 and max(kept) - min(kept) <= 1  # equal shares; the last task takes the rest
+    with pytest.raises(ConfigError, match="--prune 0.5 and --shares 3 exclude each other"):
+        PackNetConfig(prune=0.5, shares=3)
+
+
 def test_dst_density_stays_exact_and_regrowth_never_takes_frozen_weights():
     bench = cluster_benchmark(num_tasks=3, n_train=240)
     checks = []

@@ -10,8 +10,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import CapacityError, ConfigError
 from .weight import WeightIsolation
+
+
+DEFAULT_PRUNE = 0.75
 
 
 def _opt(help: str, **kw):
@@ -23,19 +26,43 @@ class PackNetConfig:
     """PackNet hyperparameters; defaults from the reference code (arunmallya/packnet: prune 0.75
     of each new task's weights, 10 retraining epochs at a tenth of the learning rate). Unlike the
     reference, which freezes biases and BatchNorm after the first task, every task keeps its own
-    (DESIGN §5)."""
+    (DESIGN §5). ``shares`` N replaces the fixed ratio by an equal split of the capacity among N
+    planned tasks (task t keeps 1/(N - t) of the weights free when it starts): with a fixed 0.75,
+    task t owns 0.25 * 0.75^t of each layer (1.9% for the tenth task), with N = 10 each owns 10%."""
 
-    prune: float = _opt("fraction of the task's new weights pruned per layer, by magnitude", default=0.75)
+    prune: float | None = _opt("fraction of the task's new weights pruned per layer, by magnitude "
+                               f"({DEFAULT_PRUNE} unless --shares is given)", default=None)
+    shares: int = _opt("instead of --prune, split each layer's weights equally among this many tasks: task t "
+                       "keeps 1/(shares - t) of the weights free when it starts (0: off)", default=0)
     retrain_epochs: int = _opt("epochs of retraining the survivors after pruning", default=10)
     retrain_lr_factor: float = _opt("learning rate of the retraining, as a factor of --lr", default=0.1)
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.prune < 1.0:
+        if self.prune is not None and not 0.0 <= self.prune < 1.0:
             raise ConfigError(f"--prune must be in [0, 1), got {self.prune}")
         if self.retrain_epochs < 0:
             raise ConfigError(f"--retrain-epochs must be >= 0, got {self.retrain_epochs}")
         if not self.retrain_lr_factor > 0:
             raise ConfigError(f"--retrain-lr-factor must be above 0, got {self.retrain_lr_factor}")
+        if self.shares < 0:
+            raise ConfigError(f"--shares must be >= 0, got {self.shares}")
+        if self.shares and self.prune is not None:
+            raise ConfigError(f"--prune {self.prune} and --shares {self.shares} exclude each other: --shares "
+                              "sets each task's pruned fraction")
+
+    def prune_fraction(self, t: int) -> float:
+        """The fraction of task ``t``'s new weights pruned per layer: ``prune``, or with ``shares``
+        N, ``1 - 1/(N - t)``.
+
+        Raises:
+            CapacityError: with ``shares``, a task beyond the N planned (nothing is left for it).
+        """
+        if not self.shares:
+            return DEFAULT_PRUNE if self.prune is None else self.prune
+        if t >= self.shares:
+            raise CapacityError(f"task {t} is beyond the {self.shares} tasks --shares planned for: the earlier tasks "
+                                f"hold every weight; plan for more tasks with a larger --shares")
+        return 1.0 - 1.0 / (self.shares - t)
 
 
 class PackNet(WeightIsolation):
@@ -46,8 +73,10 @@ class PackNet(WeightIsolation):
         super().__init__()
         self.config = config or PackNetConfig()
         self.active: list[torch.Tensor] = []
+        self.fraction = self.config.prune_fraction(0)
 
     def start_task(self, net, t: int) -> None:
+        self.fraction = self.config.prune_fraction(t)  # refuses a task beyond --shares before training
         # every weight: the earlier tasks' (frozen, reused) and the free ones (trained)
         self.active = [torch.ones_like(self.free(net, i)) for i in range(len(net.subnetworks.layers))]
 
@@ -63,11 +92,11 @@ class PackNet(WeightIsolation):
 
     @torch.no_grad()
     def prune(self, net) -> None:
-        """Per layer, drop the ``prune`` fraction of the task's new (free, active) weights with the
+        """Per layer, drop the ``prune_fraction`` of the task's new (free, active) weights with the
         smallest magnitude: they are set to 0 and left free for later tasks."""
         for i in range(len(net.subnetworks.layers)):
             w, new = self.weight(net, i), self.free(net, i) & self.active[i]
-            k = round(self.config.prune * int(new.sum()))
+            k = round(self.fraction * int(new.sum()))
             if k == 0:
                 continue
             drop = self.smallest(w, new, k)
