@@ -8,11 +8,14 @@
 #   TAGs: packnet, packnet-shares (equal shares among the 10 tasks), wsn-C (C = 0.03, 0.1, 0.5),
 #   tsn-C (TinySubNets), dst-INIT-GROWTH-SPARSITY with INIT erk|uniform,
 #   GROWTH random|unfired|gradient|momentum, SPARSITY 0.8|0.9|0.95.
+#   SEED=N (default 0) sets the seed; runs of another seed than 0 write runs/cifar100-weight-TAG-seedN/.
 #   Needs SPARSECL_DATA (or --data-root).
 set -euo pipefail
+seed=${SEED:-0}
+suffix=$([ "$seed" = 0 ] || echo "-seed$seed")
 common=(--benchmark split-cifar100 --model alexnet-like --epochs 2 --batch-size 64 --optimizer adam
-        --lr 1e-3 --seed 0 --no-progress)
-run() { local tag=$1; shift; sparsecl run "${common[@]}" --out "runs/cifar100-weight-$tag" "$@"; }
+        --lr 1e-3 --seed "$seed" --no-progress)
+run() { local tag=$1; shift; sparsecl run "${common[@]}" --out "runs/cifar100-weight-$tag$suffix" "$@"; }
 tags=("$@")
 if [ ${#tags[@]} -eq 0 ]; then
   tags=(packnet packnet-shares wsn-0.03 wsn-0.1 wsn-0.5 tsn-0.5)
