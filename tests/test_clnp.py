@@ -45,10 +45,11 @@ def test_zero_forgetting_bitwise(opt, single_head):
     assert any(used[-1] > used[0] for used in result.capacity.values())
 
 
-@pytest.mark.parametrize("per_layer", [False, True], ids=["one-theta", "theta-per-layer"])
-def test_theta_scan_stays_within_the_margin_on_validation(per_layer):
+@pytest.mark.parametrize("per_layer,order", [(False, None), (True, None), (True, "first")],
+                         ids=["one-theta", "theta-per-layer", "theta-per-layer-first-layer-first"])
+def test_theta_scan_stays_within_the_margin_on_validation(per_layer, order):
     method = CLNP(CLNPConfig(alpha="1e-4;1e-3", lrs="0.01,0.003", margin=0.01, theta_steps=5,
-                             theta_per_layer=per_layer))
+                             theta_per_layer=per_layer, theta_order=order))
     net, bench, result = _run(method, tasks=3)
     assert len(method.log) == 3
     for entry, task in zip(method.log, bench.tasks):
@@ -64,6 +65,8 @@ def test_theta_scan_stays_within_the_margin_on_validation(per_layer):
         assert chosen["within_margin"]
         if per_layer:  # one threshold per hidden layer, each with the units it pruned
             assert set(entry["theta"]) == set(net.graph.layers)
+            layers = list(net.graph.layers)
+            assert list(entry["theta"]) == (layers if order == "first" else layers[::-1])  # scan order
             for name, theta in entry["theta"].items():
                 pruned_scores_exist = entry["pruned"][name] > 0
                 assert (theta is None) == (not pruned_scores_exist)
@@ -139,6 +142,10 @@ def test_bad_configuration_is_refused_with_the_option_named():
         CLNPConfig(alpha="1e-4,x")
     with pytest.raises(ConfigError, match="--margin"):
         CLNPConfig(margin=1.5)
+    with pytest.raises(ConfigError, match="--theta-order orders the per-layer θ scan: it needs --theta-per-layer"):
+        CLNPConfig(theta_order="first")
+    with pytest.raises(ConfigError, match="--theta-order must be 'first' or 'last', got 'middle'"):
+        CLNPConfig(theta_order="middle", theta_per_layer=True)
     bench = cluster_benchmark(num_tasks=1)
     bench.tasks[0] = dataclasses.replace(bench.tasks[0], val_x=bench.tasks[0].val_x[:0],
                                          val_y=bench.tasks[0].val_y[:0])

@@ -53,6 +53,10 @@ class CLNPConfig:
     theta_steps: int = _opt("coarse steps of the θ scan before it is refined unit by unit", default=20)
     theta_per_layer: bool = _opt("one threshold θ per layer (the paper allows it), scanned from the last "
                                  "hidden layer to the first, instead of one θ for all", default=False)
+    theta_order: str | None = _opt("with --theta-per-layer, which layer's θ is scanned first: 'last' (the last "
+                                   "hidden layer, the default) or 'first' (the first hidden layer: the "
+                                   "margin goes to a task's own first-layer units, which later tasks can "
+                                   "replace by reading earlier tasks' units)", default=None)
     finetune_epochs: int = _opt("epochs of fine-tuning the survivors after pruning (paper: 20)", default=0)
     finetune_lr: float = _opt("learning rate of the fine-tuning (paper: 1e-4)", default=1e-4)
     finetune_alpha: str = _opt("L1 coefficient(s) while fine-tuning (paper: 5e-5; default: the "
@@ -80,6 +84,11 @@ class CLNPConfig:
             raise ConfigError(f"--margin must be in [0, 1), got {self.margin}")
         if self.theta_steps < 1 or self.finetune_epochs < 0 or self.widen < 0:
             raise ConfigError("--theta-steps must be >= 1, --finetune-epochs >= 0 and --widen >= 0")
+        if self.theta_order is not None:
+            if self.theta_order not in ("first", "last"):
+                raise ConfigError(f"--theta-order must be 'first' or 'last', got '{self.theta_order}'")
+            if not self.theta_per_layer:
+                raise ConfigError("--theta-order orders the per-layer θ scan: it needs --theta-per-layer")
         if self.patience is not None and self.patience < 1:
             raise ConfigError(f"--patience must be at least 1, got {self.patience}")
 
@@ -213,7 +222,8 @@ class CLNP(NeuronIsolation):
     def _scan(self, session, floor: float) -> tuple[float | dict | None, dict[str, torch.Tensor], float]:
         """Largest θ whose pruned model keeps validation accuracy ≥ ``floor``: one θ for every
         layer, or with ``theta_per_layer`` one per layer, scanned from the last hidden layer to
-        the first, each with the layers after it already pruned at their θ.
+        the first (``theta_order`` 'first': the reverse), each on top of the layers scanned
+        before it, already pruned at their θ.
 
         Returns ``(θ — a float, a dict of per-layer θ, or None when nothing can be pruned —,
         units to prune per layer, validation accuracy of the pruned model)``; the network is
@@ -238,7 +248,8 @@ class CLNP(NeuronIsolation):
             theta, units, acc = self._raise_theta(list(cand), scores, cand, units, acc, floor, val_with)
             return theta, units, acc
         thetas = {}
-        for name in reversed(list(cand)):
+        order = list(cand) if self.config.theta_order == "first" else list(reversed(list(cand)))
+        for name in order:
             thetas[name], units, acc = self._raise_theta([name], scores, cand, units, acc, floor, val_with)
         return thetas, units, acc
 
