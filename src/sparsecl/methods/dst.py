@@ -30,7 +30,7 @@ from torch import nn
 
 from ..errors import CapacityError, ConfigError
 from ..sparsity import auto_init, cosine_drop_fraction, erk_densities, layer_budget, uniform_densities
-from .weight import WeightIsolation
+from .weight import WeightIsolation, mask_of
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ class DST(WeightIsolation):
             active &= ~drop
             w.masked_fill_(drop, 0.0)
             candidates = free & ~active  # includes the just-dropped weights, as in RigL
-            grow = _mask_of(self._grow(i, w, candidates, n), w)
+            grow = mask_of(self._grow(i, w, candidates, n), w)
             active |= grow
             w.masked_fill_(grow, 0.0)  # grown weights start at zero (RigL)
             self._reset_state(w, grow)
@@ -217,13 +217,6 @@ class DST(WeightIsolation):
     def task_log(self, net, t: int) -> dict:
         return {"init": self.config.resolved_init, "densities": self.densities, "updates": len(self._updates),
                 "moved": sum(u["moved"] for u in self._updates)}
-
-
-def _mask_of(flat_indices: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Bool mask of ``like``'s shape with the entries at row-major ``flat_indices`` set."""
-    out = torch.zeros(like.numel(), dtype=torch.bool, device=like.device)
-    out[flat_indices] = True
-    return out.view(like.shape)
 
 
 def _random_subset(mask: torch.Tensor, k: int) -> torch.Tensor:

@@ -73,10 +73,9 @@ class PackNet(WeightIsolation):
         super().__init__()
         self.config = config or PackNetConfig()
         self.active: list[torch.Tensor] = []
-        self.fraction = self.config.prune_fraction(0)
 
     def start_task(self, net, t: int) -> None:
-        self.fraction = self.config.prune_fraction(t)  # refuses a task beyond --shares before training
+        self.config.prune_fraction(t)  # refuses a task beyond --shares before training
         # every weight: the earlier tasks' (frozen, reused) and the free ones (trained)
         self.active = [torch.ones_like(self.free(net, i)) for i in range(len(net.subnetworks.layers))]
 
@@ -94,9 +93,10 @@ class PackNet(WeightIsolation):
     def prune(self, net) -> None:
         """Per layer, drop the ``prune_fraction`` of the task's new (free, active) weights with the
         smallest magnitude: they are set to 0 and left free for later tasks."""
+        fraction = self.config.prune_fraction(net.num_tasks - 1)
         for i in range(len(net.subnetworks.layers)):
             w, new = self.weight(net, i), self.free(net, i) & self.active[i]
-            k = round(self.fraction * int(new.sum()))
+            k = round(fraction * int(new.sum()))
             if k == 0:
                 continue
             drop = self.smallest(w, new, k)

@@ -93,9 +93,7 @@ class WeightIsolation(Method):
         """Bool mask (``weight``'s shape) of the ``k`` entries of bool mask ``among`` with the
         smallest ``|weight|``: what PackNet, TinySubNets and DST drop."""
         magnitude = torch.where(among, weight.abs(), torch.inf).flatten()
-        out = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
-        out[torch.topk(magnitude, k, largest=False).indices] = True
-        return out.view(weight.shape)
+        return mask_of(torch.topk(magnitude, k, largest=False).indices, weight)
 
     @staticmethod
     def free(net, i: int) -> torch.Tensor:
@@ -165,3 +163,10 @@ class WeightIsolation(Method):
                                           f"expected shape {tuple(p.shape)}")
                 p.copy_(saved)
         self.log = list(meta.get("log", []))
+
+
+def mask_of(flat_indices: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Bool mask of ``like``'s shape with the entries at row-major ``flat_indices`` set."""
+    out = torch.zeros(like.numel(), dtype=torch.bool, device=like.device)
+    out[flat_indices] = True
+    return out.view(like.shape)
