@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from click.testing import CliRunner
 
@@ -18,6 +19,7 @@ from sparsecl.errors import CapacityError, ConfigError
 from sparsecl.export import task_model
 from sparsecl.ledger import FREE
 from sparsecl.methods import DST, WSN, DSTConfig, PackNet, PackNetConfig, WSNConfig
+from sparsecl.methods.weight import largest, mask_of
 from sparsecl.models import mlp
 from sparsecl.network import ContinualNetwork
 from sparsecl.runs import RunSpec, build_stream
@@ -112,6 +114,39 @@ def test_wsn_mask_is_exactly_the_top_fraction_of_scores():
             assert int(sub.mask(t, i).sum()) == k  # each task selected exactly c of the layer
         owner = sub.owner(i)
         assert ((owner >= 0) == (sub.mask(0, i) | sub.mask(1, i) | sub.mask(2, i))).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.sampled_from([5, 1000, 140_000, 300_000]), fraction=st.floats(0.0, 1.0), seed=st.integers(0, 2**16),
+       kind=st.sampled_from(["normal", "ties", "sorted", "constant", "sample-misleading"]))
+def test_largest_selects_exactly_the_k_largest_and_the_first_of_ties(n, fraction, seed, kind):
+    # n >= 131072 takes the strided-sample bracket; "sample-misleading" puts every sampled entry far
+    # above the rest, so that the bracket misses and the whole-tensor selection answers
+    g = torch.Generator().manual_seed(seed)
+    values = {"normal": lambda: torch.randn(n, generator=g),
+              "ties": lambda: torch.randint(0, 4, (n,), generator=g).float(),
+              "sorted": lambda: torch.arange(n, dtype=torch.float32),
+              "constant": lambda: torch.ones(n),
+              "sample-misleading": lambda: torch.randn(n, generator=g).index_add_(
+                  0, torch.arange(0, n, max(1, n // 16384)), torch.full((len(range(0, n, max(1, n // 16384))),), 100.0)),
+              }[kind]().view(5, -1)
+    k = round(fraction * n)
+    mask = largest(values, k)
+    assert mask.dtype == torch.bool and mask.shape == values.shape and int(mask.sum()) == k
+    if 0 < k < n:
+        cut = values[mask].min()
+        assert values[~mask].max() <= cut
+        chosen = mask.flatten()[(values.flatten() == cut).nonzero().squeeze(1)]
+        assert not (chosen[1:] & ~chosen[:-1]).any()  # among ties at the cut, the first ones
+    if kind == "normal":  # no ties: exactly torch.topk's set
+        assert torch.equal(mask, mask_of(torch.topk(values.flatten(), k).indices, values))
+
+
+def test_largest_refuses_an_impossible_count():
+    with pytest.raises(ValueError, match="cannot select 6 of 5"):
+        largest(torch.zeros(5), 6)
+    with pytest.raises(ValueError, match="cannot select -1 of 5"):
+        largest(torch.zeros(5), -1)
 
 
 def test_wsn_reuses_frozen_weights_and_trains_only_new_ones():

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .weight import WeightIsolation
+from .weight import WeightIsolation, largest
 
 
 def _opt(help: str, **kw):
@@ -36,13 +36,9 @@ class WSNConfig:
 
 def top_fraction(scores: torch.Tensor, fraction: float) -> torch.Tensor:
     """Bool mask (``scores``' shape) of exactly ``round(fraction · numel)`` entries (at least one)
-    of largest ``|scores|`` (among equal scores at the cut, ``torch.topk`` picks)."""
-    flat = scores.detach().abs().flatten()
-    k = max(1, math.floor(fraction * flat.numel() + 0.5))  # half up, as sparsity.layer_budget
-    idx = torch.topk(flat, k, sorted=False).indices  # a selection, not a sort: ~7x faster per step
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    mask[idx] = True
-    return mask.view_as(scores)
+    of largest ``|scores|`` (ties at the cut: see ``weight.largest``)."""
+    k = max(1, math.floor(fraction * scores.numel() + 0.5))  # half up, as sparsity.layer_budget
+    return largest(scores.detach().abs(), k)
 
 
 class WSN(WeightIsolation):
