@@ -147,6 +147,8 @@ def test_largest_refuses_an_impossible_count():
         largest(torch.zeros(5), 6)
     with pytest.raises(ValueError, match="cannot select -1 of 5"):
         largest(torch.zeros(5), -1)
+    with pytest.raises(ValueError, match="contain NaN"):
+        largest(torch.tensor([1.0, float("nan"), 2.0]), 2)
 
 
 def test_wsn_reuses_frozen_weights_and_trains_only_new_ones():

@@ -178,13 +178,15 @@ def largest(values: torch.Tensor, k: int) -> torch.Tensor:
     the mask is ≥ every entry outside it. Among values tied at the cut the lowest row-major
     indices are taken on the CPU; on other devices ``torch.topk`` picks.
 
-    On the CPU this is the set ``torch.topk`` selects, found about 2–4× faster on a layer of
-    millions of weights (what WSN recomputes at every forward): the k-th largest value is found
-    by ``kthvalue`` within a narrow band of values bracketed by a strided sample, and the
-    bracket is checked by exact counts (the whole tensor's ``kthvalue`` when it misses).
+    Without ties at the cut this is the set ``torch.topk`` selects. On the CPU it is found 2–4×
+    faster on a layer of millions of weights (what WSN recomputes at every forward): the k-th
+    largest value is found by ``kthvalue`` within a narrow band of values bracketed by a
+    strided sample, and the bracket is checked by exact counts (the whole tensor's
+    ``kthvalue`` when it misses).
 
     Raises:
-        ValueError: ``k`` is not in ``0 .. values.numel()``.
+        ValueError: ``k`` is not in ``0 .. values.numel()``, or NaN values leave fewer than ``k``
+            entries that can be ranked.
     """
     flat = values.detach().flatten()
     n = flat.numel()
@@ -198,7 +200,10 @@ def largest(values: torch.Tensor, k: int) -> torch.Tensor:
     mask = flat > cut
     missing = k - int(mask.sum())
     if missing:  # ties at the cut: the first ones
-        mask[(flat == cut).nonzero().squeeze(1)[:missing]] = True
+        ties = (flat == cut).nonzero().squeeze(1)[:missing]
+        if len(ties) < missing:
+            raise ValueError(f"cannot rank {k} of {n} entries: the values contain NaN")
+        mask[ties] = True
     return mask.view_as(values)
 
 
