@@ -8,12 +8,14 @@ method's work with a first task frozen:
 
 - ``eidetic`` (default): half of every hidden layer frozen by the first task (set directly), the
   freezer restoring the frozen entries after each optimizer step; the forward is dense.
-- ``packnet``, ``wsn``, ``dst``, ``tinysubnets``: the first task is learned for one epoch on random
-  data through the ``Trainer`` with the method's default hyperparameters (PackNet keeps 25% of
-  each layer, WSN and TinySubNets a mask of c = 0.5, DST a mask at 80% sparsity), then the second
-  task begins as the trainer begins it: the step includes the masked forward and the method's
-  ``before_step``/``after_step`` hooks (DST's mask update every ΔT steps is one step in ΔT and
-  does not move the median).
+- ``packnet``, ``wsn``, ``dst``, ``tinysubnets``: the first task is learned on random data through
+  the ``Trainer`` with the method's default hyperparameters and one training epoch (plus what the
+  method adds: PackNet's pruning and retraining, TinySubNets' pruning and quantization), so that
+  PackNet keeps 25% of each layer, WSN and TinySubNets a mask of c = 0.5, DST a mask at 80%
+  sparsity. Then the second task begins as the trainer begins it: the step includes the masked
+  forward and the method's ``before_step``/``after_step`` hooks. DST's mask update (every ΔT =
+  400 steps by default) does not happen within the timed steps: what is timed is the step
+  between updates.
 
 Steps alternate in small blocks so that machine noise hits both sides alike; the script prints
 both medians and their ratio.
@@ -70,7 +72,7 @@ def eidetic_second_task(net: ContinualNetwork, task: TaskData) -> EideticNets:
 
 
 def learned_second_task(name: str, net: ContinualNetwork, shape, classes: int, batch_size: int):
-    """``name``'s method after learning task 0 (one epoch of random data), in task 1; also the
+    """``name``'s method after learning task 0 (random data, one training epoch), in task 1; also the
     fraction of the weights task 0 owns, mean over layers."""
     method_cls, config_cls = METHODS[name]
     method = method_cls(config_cls() if config_cls else None)

@@ -142,13 +142,18 @@ def test_largest_selects_exactly_the_k_largest_and_the_first_of_ties(n, fraction
         assert torch.equal(mask, mask_of(torch.topk(values.flatten(), k).indices, values))
 
 
-def test_largest_refuses_an_impossible_count():
+def test_largest_refuses_an_impossible_count_and_nan():
     with pytest.raises(ValueError, match="cannot select 6 of 5"):
         largest(torch.zeros(5), 6)
     with pytest.raises(ValueError, match="cannot select -1 of 5"):
         largest(torch.zeros(5), -1)
-    with pytest.raises(ValueError, match="contain NaN"):
-        largest(torch.tensor([1.0, float("nan"), 2.0]), 2)
+    for k in (0, 1, 4):
+        with pytest.raises(ValueError, match="some are NaN"):
+            largest(torch.tensor([1.0, float("nan"), 2.0, 0.0]), k)
+    big = torch.randn(300_000)
+    big[5] = float("nan")
+    with pytest.raises(ValueError, match="some are NaN"):
+        largest(big, 10)
 
 
 def test_wsn_reuses_frozen_weights_and_trains_only_new_ones():
