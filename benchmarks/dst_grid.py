@@ -3,8 +3,9 @@
 
 1. ACC (%): one row per (initialization, growth), one column per sparsity.
 2. Storage and time: one row per (sparsity, initialization), over its growth modes: the fraction
-   of weights owned after the last task (mean over layers), the mask bits per masked weight after the last task (entropy-coded, raw in brackets; the range
-   over growth modes), and the median wall time per task (minutes).
+   of weights owned after the last task (mean over layers), the mask bits per masked weight after
+   the last task (entropy-coded, raw in brackets; the range over growth modes), and the median
+   wall time per task (minutes).
 
 Runs that are not DST or have no metrics.json are ignored; a missing cell shows "—".
 Usage:

@@ -123,13 +123,17 @@ def test_largest_selects_exactly_the_k_largest_and_the_first_of_ties(n, fraction
     # n >= 131072 takes the strided-sample bracket; "sample-misleading" puts every sampled entry far
     # above the rest, so that the bracket misses and the whole-tensor selection answers
     g = torch.Generator().manual_seed(seed)
-    values = {"normal": lambda: torch.randn(n, generator=g),
-              "ties": lambda: torch.randint(0, 4, (n,), generator=g).float(),
-              "sorted": lambda: torch.arange(n, dtype=torch.float32),
-              "constant": lambda: torch.ones(n),
-              "sample-misleading": lambda: torch.randn(n, generator=g).index_add_(
-                  0, torch.arange(0, n, max(1, n // 16384)), torch.full((len(range(0, n, max(1, n // 16384))),), 100.0)),
-              }[kind]().view(5, -1)
+    if kind == "ties":
+        values = torch.randint(0, 4, (n,), generator=g).float()
+    elif kind == "sorted":
+        values = torch.arange(n, dtype=torch.float32)
+    elif kind == "constant":
+        values = torch.ones(n)
+    else:
+        values = torch.randn(n, generator=g)
+        if kind == "sample-misleading":
+            values[::max(1, n // 16384)] += 100.0  # the stride of largest's sample
+    values = values.view(5, -1)
     k = round(fraction * n)
     mask = largest(values, k)
     assert mask.dtype == torch.bool and mask.shape == values.shape and int(mask.sum()) == k
