@@ -35,3 +35,10 @@ def data_root() -> Path:
             pytrace=False,
         )
     return root
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp_path(tmp_path, monkeypatch):
+    """Every test runs in its own temporary folder: a ``sparsecl run`` without ``--out`` writes
+    its default run folder (``runs/...``) there, never into the checkout."""
+    monkeypatch.chdir(tmp_path)

@@ -21,13 +21,15 @@ from .data import load_benchmark
 from .data.benchmarks import BENCHMARKS
 from .compact import read_compact, write_compact
 from .export import export_task
-from .errors import ConfigError, SparseCLError
+from .errors import ConfigError, OutputError, SparseCLError
 from .methods import METHODS
 from .models import MODELS
 from .runs import (CheckpointWriter, RunSpec, build_method, build_network, build_stream, normalization_record,
                    restore, spec_of)
 from .routing import ROUTING_MODES, evaluate_routing
-from .trainer import OPTIMIZERS, RunResult, TrainConfig, Trainer, accuracy, check_task
+from .rundir import RunFolder, default_run_folder
+from .trainer import OPTIMIZERS, RunResult, TrainConfig, Trainer, accuracy, check_device, check_task
+from .data.types import LazyTasks
 
 DEFAULT_BENCHMARK = "split-digits"  # bundled with scikit-learn: runs with no data root
 _METHOD_FIELDS = {f.name for _, c in METHODS.values() if c for f in dataclasses.fields(c)}
@@ -111,7 +113,10 @@ _ROUTER_OPTIONS = ("router_buffer", "router_epochs", "router_lr", "router_hidden
               help="--routing classifier: the router also trains units of its own in the capacity no task owns "
                    "(EideticNets, CLNP); off: a head on the frozen features only")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="folder for metrics.json and the checkpoint written after every task")
+              help="run folder for metrics.json and the checkpoint written after every task "
+                   "[default: runs/<method>-<benchmark>-<YYYYmmdd-HHMMSS>]")
+@click.option("--overwrite", is_flag=True, default=False,
+              help="delete the files of another run in --out before this run starts (else such a folder is refused)")
 @click.option("--resume", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="continue the run in this folder after its last completed task, with its saved options")
 @click.option("--from", "from_checkpoint", type=click.Path(path_type=Path), default=None,
@@ -121,11 +126,14 @@ _ROUTER_OPTIONS = ("router_buffer", "router_epochs", "router_lr", "router_hidden
 @click.option("--dist-backend", type=click.Choice(distributed.BACKENDS), default=None,
               help="under torchrun: the process group's backend [default: nccl with --device cuda, else gloo]")
 @_method_options
-def run(data_root, download, device, out, resume, from_checkpoint, progress, dist_backend, **options) -> None:
+def run(data_root, download, device, out, overwrite, resume, from_checkpoint, progress, dist_backend,
+        **options) -> None:
     """Train METHOD on the tasks of BENCHMARK, one after another, and report the accuracy matrix,
     ACC, BWT, forgetting, the largest change of an earlier task's logits and the capacity used.
-    With --out, a checkpoint is written after every task: --resume continues an interrupted run
-    bit for bit, --from adds new tasks to a trained model.
+    Every run writes a run folder (--out, by default runs/<method>-<benchmark>-<time>), locked
+    while the run lasts, with a checkpoint after every task: --resume continues an interrupted
+    run bit for bit, --from adds new tasks to a trained model. A folder holding another run's
+    files is refused unless --overwrite.
 
     Launched by torchrun (torchrun --nproc_per_node=N -m sparsecl run ...), it trains data-parallel
     with DDP: --batch-size is the global batch, and only rank 0 writes files and prints."""
@@ -134,12 +142,12 @@ def run(data_root, download, device, out, resume, from_checkpoint, progress, dis
     except SparseCLError as exc:
         raise click.ClickException(str(exc)) from exc
     try:
-        _run(world, data_root, download, device, out, resume, from_checkpoint, progress, options)
+        _run(world, data_root, download, device, out, overwrite, resume, from_checkpoint, progress, options)
     finally:
         distributed.shutdown(world)
 
 
-def _run(world, data_root, download, device, out, resume, from_checkpoint, progress, options) -> None:
+def _run(world, data_root, download, device, out, overwrite, resume, from_checkpoint, progress, options) -> None:
     main_rank = world is None or world.is_main
     progress = progress and main_rank
     if progress:
@@ -147,20 +155,24 @@ def _run(world, data_root, download, device, out, resume, from_checkpoint, progr
                             handlers=[RichHandler(show_path=False)])
     ctx = click.get_current_context()
     given = {k for k in options if ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT}
+    folder = None
     try:
         if resume is not None and from_checkpoint is not None:
             raise ConfigError("--resume and --from cannot be combined")
         if resume is not None:
-            if given or out is not None:
-                flags = _flags(ctx, sorted(given | ({"out"} if out else set())))
+            if given or out is not None or overwrite:
+                flags = _flags(ctx, sorted(given | ({"out"} if out else set()) | ({"overwrite"} if overwrite else set())))
                 raise ConfigError(f"--resume continues the run in its own folder with its saved options; drop {flags}")
             out = resume
         spec, ckpt = _spec(options, given, resume, from_checkpoint)  # a bad checkpoint fails here
         config = spec.train_config(device, progress)  # bad training options fail before any work
         if world is not None:
             distributed.local_batch_size(config.batch_size, world)
-        if out is not None and main_rank:  # fail before training, not after it, if the results cannot be written
-            _prepare_out(Path(out))
+        if main_rank:  # every run writes a run folder; refused before training if it cannot be used
+            out = Path(out) if out is not None else default_run_folder(spec.method, spec.stream[-1]["benchmark"])
+            folder = RunFolder.open(out, resume=resume is not None, overwrite=overwrite,
+                                    option="--resume" if resume is not None else "--out")
+            click.echo(f"run folder {out}: checkpoint {out / CHECKPOINT_NAME} after every task, metrics.json at the end")
         first = world is None or world.local_rank == 0  # one process per machine downloads missing files
         if not first:
             distributed.barrier(world)
@@ -178,26 +190,38 @@ def _run(world, data_root, download, device, out, resume, from_checkpoint, progr
                 click.echo(f"warning: the run was trained with {saved_world} process(es) and continues with "
                            f"{world_size}: its remaining tasks see another sample order, so it will not end bit "
                            "for bit as an uninterrupted run", err=True)
-        writer = None if out is None or not main_rank else CheckpointWriter(Path(out) / CHECKPOINT_NAME, spec, method_obj,
-                                                           bench.input_shape, bench.num_tasks, device,
-                                                           [t.normalize for t in bench.tasks],
-                                                           1 if world is None else world.size)
+        normalize = ((lambda i: bench.tasks.header(i).normalize) if isinstance(bench.tasks, LazyTasks)
+                     else [t.normalize for t in bench.tasks])
+        writer = None if not main_rank else CheckpointWriter(Path(out) / CHECKPOINT_NAME, spec, method_obj,
+                                                             bench.input_shape, bench.num_tasks, device, normalize,
+                                                             1 if world is None else world.size)
         result = Trainer(method_obj, config, world).fit(net, bench, state, writer)
-    except SparseCLError as exc:
-        raise click.ClickException(str(exc)) from exc
-    if not main_rank:
-        return
-    result_dict = result.to_dict()
-    result_dict["config"].update(
-        method=spec.method, benchmark=bench.name, model=spec.model["name"], **spec.model["options"],
-        single_head=spec.model["single_head"], stream=spec.stream, world_size=1 if world is None else world.size,
-        method_options=dataclasses.asdict(method_obj.config) if hasattr(method_obj, "config") else {})
-    if hasattr(method_obj, "log"):
-        result_dict["method_log"] = method_obj.log
-    _print_summary(result)
-    if out is not None:
-        path = write_json_atomic(Path(out) / "metrics.json", result_dict)
+        if not main_rank:
+            return
+        result_dict = result.to_dict()
+        result_dict["config"].update(
+            method=spec.method, benchmark=bench.name, model=spec.model["name"], **spec.model["options"],
+            single_head=spec.model["single_head"], stream=spec.stream, world_size=1 if world is None else world.size,
+            method_options=dataclasses.asdict(method_obj.config) if hasattr(method_obj, "config") else {})
+        if hasattr(method_obj, "log"):
+            result_dict["method_log"] = method_obj.log
+        _print_summary(result)
+        try:
+            path = write_json_atomic(Path(out) / "metrics.json", result_dict)
+        except OSError as exc:
+            raise OutputError(f"cannot write {Path(out) / 'metrics.json'} ({exc.strerror or exc}); the checkpoint "
+                              f"{Path(out) / CHECKPOINT_NAME} holds every task's results (sparsecl report "
+                              f"{out} reads it)") from None
         click.echo(f"wrote {path}")
+        click.echo(f"run folder {out}: checkpoint {Path(out) / CHECKPOINT_NAME}")
+    except SparseCLError as exc:
+        if folder is not None and out is not None and (Path(out) / CHECKPOINT_NAME).exists():
+            click.echo(f"run folder {out}: checkpoint {Path(out) / CHECKPOINT_NAME} (continue with "
+                       f"sparsecl run --resume {out})", err=True)
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        if folder is not None:  # a run refused before it wrote anything leaves no folder behind
+            folder.close(remove_if_empty=folder.created)
 
 
 def _spec(options: dict, given: set[str], resume: Path | None, from_checkpoint: Path | None):
@@ -279,6 +303,7 @@ def evaluate(checkpoint, benchmark, num_tasks, seed, permute_first, max_test_per
     with --routing, also without task ids."""
     ctx = click.get_current_context()
     try:
+        check_device(device)
         if json_out is not None:
             _check_parent(json_out, "--json")
         ckpt = load_checkpoint(checkpoint)
@@ -307,9 +332,9 @@ def evaluate(checkpoint, benchmark, num_tasks, seed, permute_first, max_test_per
         else:
             options = {k: v for k, v in dict(num_tasks=num_tasks, permute_first=permute_first,
                                              max_test_per_task=max_test_per_task, classes_per_task=classes_per_task,
-                                             normalize=normalize, data_root=data_root,
-                                             download=download).items() if v is not None}
-            bench = load_benchmark(benchmark, seed=seed, **options)
+                                             normalize=normalize).items() if v is not None}
+            bench = build_stream(RunSpec([{"benchmark": benchmark, "seed": seed, "options": options}], {
+                "name": "mlp", "options": {}, "single_head": False}, "finetune"), data_root, download)
         saved_norms = ckpt.manifest.get("normalize") or [None] * net.num_tasks
         for i, task in enumerate(bench.tasks[: net.num_tasks]):
             got = normalization_record(task.normalize)
@@ -408,14 +433,62 @@ def export(checkpoint, task, compact, out) -> None:
 @click.argument("run_dir", type=click.Path(path_type=Path))
 def report(run_dir: Path) -> None:
     """Plot RUN_DIR/metrics.json: accuracy_matrix.png, capacity.png, reuse.png and a Markdown
-    summary, report.md, written next to it."""
+    summary, report.md, written next to it. A run that was stopped before its end (a checkpoint,
+    no metrics.json) is reported from its checkpoint: the tasks it finished."""
     from .report import write_report  # matplotlib is only imported when a report is asked for
 
+    run_dir = Path(run_dir)
     try:
-        for path in write_report(run_dir):
+        if run_dir.is_dir() and not (run_dir / "metrics.json").exists() and (run_dir / CHECKPOINT_NAME).is_file():
+            written, done, total = _report_unfinished(run_dir, write_report)
+        else:
+            written, done, total = write_report(run_dir), None, None
+        for path in written:
             click.echo(f"wrote {path}")
+        if done is not None and done < total:
+            click.echo(f"the run in {run_dir} stopped after {done} of its {total} tasks; the report covers those. "
+                       f"Continue it with: sparsecl run --resume {run_dir}")
     except SparseCLError as exc:
         raise click.ClickException(str(exc)) from exc
+    except OSError as exc:
+        raise click.ClickException(f"cannot write the report of {run_dir}: {exc.strerror or exc}"
+                                   + (f" ({exc.filename})" if exc.filename else "")) from None
+
+
+def _report_unfinished(run_dir: Path, write_report) -> tuple[list[Path], int, int]:
+    """Report a run from its checkpoint (the run was stopped before metrics.json was written):
+    the metrics of its finished tasks, made as the run makes them, reported by report.py in a
+    temporary folder, then moved into ``run_dir``."""
+    import shutil
+    import tempfile
+
+    from .metrics import versions
+    from .trainer import RunState
+
+    ckpt = load_checkpoint(run_dir)
+    spec = spec_of(ckpt)  # checks the manifest's schema
+    state = RunState.from_checkpoint(ckpt.group("run"), ckpt.manifest["run"])
+    done, total = state.tasks_done, ckpt.manifest["total_tasks"]
+    name = "+".join(seg["benchmark"] for seg in spec.stream)
+    result = RunResult(state.matrix(done), state.max_change, state.capacity, state.seconds,
+                       dict(spec.train), state.reuse, spec.method, name, {},
+                       None if state.routing is None else state.routing.to_dict(done), state.bits)
+    metrics = result.to_dict()
+    metrics["versions"] = versions()
+    metrics["config"].update(method=spec.method, benchmark=name, stream=spec.stream, tasks_done=done,
+                             total_tasks=total, unfinished=True)
+    with tempfile.TemporaryDirectory(dir=run_dir, prefix=".report.", suffix=".tmp") as tmp:
+        write_json_atomic(Path(tmp) / "metrics.json", metrics)
+        made = write_report(Path(tmp))
+        written = []
+        for path in made:
+            final = run_dir / Path(path).name
+            shutil.move(str(path), final)
+            written.append(final)
+        for stale in ("reuse.png", "routing.png"):  # plots an earlier report left that these metrics lack
+            if all(p.name != stale for p in written):
+                (run_dir / stale).unlink(missing_ok=True)
+    return written, done, total
 
 
 def _flags(ctx: click.Context, names) -> str:

@@ -6,7 +6,12 @@ class SparseCLError(Exception):
     """Base class of every error sparsecl raises on purpose."""
 
 
-class DataFormatError(SparseCLError, ValueError):
+class DataError(SparseCLError, ValueError):
+    """A task's data cannot be learned or measured as it is (a non-finite value in an image
+    tensor); the message names the task, the split and the first bad sample."""
+
+
+class DataFormatError(DataError):
     """A data file exists but its content is not what its format promises (bad magic number,
     truncated payload, image/label count mismatch, checksum mismatch)."""
 
@@ -38,3 +43,13 @@ class DivergenceError(SparseCLError, FloatingPointError):
 class CheckpointError(SparseCLError, ValueError):
     """A checkpoint file is missing, truncated, corrupt, or does not match the model or method
     it is loaded into; the message names the file and, where it can, the tensor."""
+
+
+class OutputError(SparseCLError, OSError):
+    """A result file (checkpoint, metrics, report) cannot be written: a full disk, a read-only
+    folder. The message names the file and says what was kept."""
+
+
+class RunFolderError(ConfigError):
+    """A run folder cannot be used: it holds another run's files, or another process is using it
+    (the message names the holder's process id)."""

@@ -9,6 +9,9 @@ saved ones.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,8 +19,10 @@ import torch
 
 from .checkpoint import Checkpoint, save_checkpoint
 from .data import load_benchmark
-from .data.types import Benchmark
-from .errors import CheckpointError, ConfigError
+from .data.benchmarks import BENCHMARKS
+from .data.types import Benchmark, LazyTasks
+from .errors import CheckpointError, ConfigError, OutputError
+from .manifest import stream_options, validate_run_manifest, validate_spec
 from .methods import METHODS
 from .methods.base import Method
 from .models import build as build_model
@@ -62,18 +67,57 @@ class RunSpec:
 def build_method(name: str, options: dict) -> Method:
     """The method registered as ``name`` with the hyperparameters in ``options``.
 
+    Every option is checked against its field's type before the method sees it: a ``float``
+    option must be a finite number, an ``int`` one an integer, and a comma-separated list of
+    numbers (``--alpha``, ``--lrs``) may not hold NaN or infinity.
+
     Raises:
-        ConfigError: an option the method does not take (the message names the flags).
+        ConfigError: an option the method does not take, or a value of the wrong type or not
+            finite (the message names the flag and the argument).
     """
     if name not in METHODS:
         raise ConfigError(f"unknown method '{name}'; known methods: {', '.join(sorted(METHODS))}")
     method_cls, config_cls = METHODS[name]
-    fields = {f.name for f in dataclasses.fields(config_cls)} if config_cls else set()
-    foreign = sorted(set(options) - fields)
+    fields = {f.name: f for f in dataclasses.fields(config_cls)} if config_cls else {}
+    foreign = sorted(set(options) - set(fields))
     if foreign:
         flags = ", ".join("--" + k.replace("_", "-") for k in foreign)
         raise ConfigError(f"{flags} do(es) not apply to --method {name}")
+    for key, value in options.items():
+        _check_option_type(name, key, str(fields[key].type), value)
     return method_cls(config_cls(**options)) if config_cls else method_cls()
+
+
+def _check_option_type(method: str, key: str, kind: str, value) -> None:
+    """Refuse a method option whose value does not fit its field's annotation (``kind``)."""
+    where = f"--{key.replace('_', '-')} (argument {key} of --method {method})"
+    optional = kind.endswith(" | None")
+    kind = kind.removesuffix(" | None")
+    if value is None:
+        if not optional:
+            raise ConfigError(f"{where} needs a value, got None")
+        return
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where} must be a finite number, got {value}")
+    elif kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be True or False, got {value!r}")
+    elif kind == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        for token in value.split(","):
+            try:
+                number = float(token)
+            except ValueError:
+                continue
+            if not math.isfinite(number):
+                raise ConfigError(f"{where} must list finite numbers, got '{token.strip()}' in '{value}'")
 
 
 def build_stream(spec: RunSpec, data_root: Path | None = None, download: bool | None = None) -> Benchmark:
@@ -84,24 +128,94 @@ def build_stream(spec: RunSpec, data_root: Path | None = None, download: bool | 
         DataNotFoundError / DataFormatError: a data file is missing or corrupt.
     """
     place = {k: v for k, v in dict(data_root=data_root, download=download).items() if v is not None}
-    parts = [load_benchmark(seg["benchmark"], seed=seg["seed"], **seg["options"], **place) for seg in spec.stream]
+    parts = []
+    for seg in spec.stream:
+        # data_root and download come from the caller only, never from a (saved) spec; a
+        # benchmark with bundled data (split-digits) accepts and ignores them
+        builder = BENCHMARKS.get(str(seg["benchmark"]).strip().lower().replace("_", "-"))
+        accepted = set(inspect.signature(builder).parameters) if builder is not None else set(place)
+        here = {k: v for k, v in place.items() if k in accepted}
+        parts.append(load_benchmark(seg["benchmark"], seed=seg["seed"], **stream_options(seg["options"]), **here))
     if len(parts) == 1:
         return parts[0]
-    tasks = []
     for bench in parts:
         if tuple(bench.input_shape) != tuple(parts[0].input_shape):
             raise ConfigError(f"benchmark '{bench.name}' has inputs of shape {tuple(bench.input_shape)}, but the "
                               f"saved tasks of '{parts[0].name}' have {tuple(parts[0].input_shape)}")
-        tasks += [dataclasses.replace(task, task_id=len(tasks) + i) for i, task in enumerate(bench.tasks)]
-    return Benchmark("+".join(b.name for b in parts), tasks, parts[0].input_shape,
-                     {"segments": [dict(b.info, name=b.name) for b in parts]})
+    return Benchmark("+".join(b.name for b in parts), LazyTasks.concat([b.tasks for b in parts]),
+                     parts[0].input_shape, {"segments": [dict(b.info, name=b.name) for b in parts]})
 
 
 def build_network(spec: RunSpec, bench: Benchmark) -> ContinualNetwork:
     """The untrained network of the run, seeded by the run's seed."""
+    num_classes = bench.tasks.header(0).num_classes if isinstance(bench.tasks, LazyTasks) else bench.tasks[0].num_classes
+    check_model_fits(spec, bench.input_shape, num_classes)
     torch.manual_seed(spec.train.get("seed", 0))  # the initial weights are part of the run's seed
-    model = _user_model(spec, bench.input_shape, bench.tasks[0].num_classes)
-    return ContinualNetwork(model, single_head=spec.model["single_head"])
+    try:
+        model = _user_model(spec, bench.input_shape, num_classes)
+        return ContinualNetwork(model, single_head=spec.model["single_head"])
+    except (MemoryError, RuntimeError) as exc:
+        if isinstance(exc, MemoryError) or "memory" in str(exc).lower():
+            raise ConfigError(f"the model ({spec.model_description()}) does not fit in memory: "
+                              f"{' '.join(str(exc).split())[:200]}") from None
+        raise
+
+
+#: Bytes per parameter while training: the weights, their gradients and two optimizer moments
+#: (Adam), float32; the network's traced copy of the model is built before the move to the device.
+TRAINING_BYTES_PER_PARAMETER = 4 * 4
+
+
+def available_memory(device: str = "cpu") -> int | None:
+    """Bytes of memory free for tensors on ``device`` (``None`` when unknown)."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        try:
+            return int(torch.cuda.mem_get_info(dev)[0])
+        except (RuntimeError, AssertionError):
+            return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def count_parameters(spec: RunSpec, input_shape, num_classes: int) -> int | None:
+    """The parameter count of the spec's model, from a build on the ``meta`` device (no memory
+    allocated); ``None`` if the model cannot be built there."""
+    try:
+        with torch.device("meta"):
+            model = _user_model(spec, tuple(input_shape), num_classes)
+    except ConfigError:
+        raise
+    except Exception:  # a model that cannot be built on the meta device is measured by its real build
+        return None
+    return sum(p.numel() for p in model.parameters())
+
+
+def check_model_fits(spec: RunSpec, input_shape, num_classes: int, device: str = "cpu") -> None:
+    """Refuse, before allocating it, a model whose training would not fit in the memory
+    available (:data:`TRAINING_BYTES_PER_PARAMETER` bytes per parameter).
+
+    Raises:
+        ConfigError: naming the model, its parameter count and the memory needed and available.
+    """
+    n = count_parameters(spec, input_shape, num_classes)
+    free = available_memory(device)
+    if n is None or free is None:
+        return
+    need = n * TRAINING_BYTES_PER_PARAMETER
+    if need > free:
+        raise ConfigError(f"the model ({spec.model_description()}) has {n:,} parameters: training it needs about "
+                          f"{need / 2**30:.1f} GiB but {free / 2**30:.1f} GiB of memory is available on {device}; "
+                          "choose a smaller model (--hidden, --width)")
 
 
 def normalization_record(normalize) -> list | None:
@@ -122,7 +236,16 @@ class CheckpointWriter:
         self.world_size = world_size
         self.input_shape, self.num_tasks = list(input_shape), num_tasks
         self.device = torch.device(device).type
-        self.normalize = [normalization_record(n) for n in normalize or [None] * num_tasks]
+        self._normalize = normalize  # a list, or a callable task -> TaskData.normalize (a lazy stream)
+        self.last_written: int | None = None  # tasks_done of the last checkpoint this writer wrote
+
+    def _normalize_records(self, done: int) -> list:
+        n = self._normalize
+        if n is None:
+            return [None] * self.num_tasks
+        if callable(n):  # only the tasks learned so far: a lazy stream is not built to record the rest
+            return [normalization_record(n(i)) for i in range(done)] + [None] * (self.num_tasks - done)
+        return [normalization_record(x) for x in n]
 
     def __call__(self, net: ContinualNetwork, state: RunState) -> None:
         method_tensors, method_meta = self.method.state()
@@ -137,11 +260,27 @@ class CheckpointWriter:
                     "structure": net.structure(),
                     "method": self.method.name, "method_state": method_meta, "run": run_meta,
                     "tasks_done": state.tasks_done, "total_tasks": self.num_tasks, "device": self.device,
-                    "normalize": self.normalize, "world_size": self.world_size}
-        save_checkpoint(self.path, manifest, tensors)
+                    "normalize": self._normalize_records(state.tasks_done), "world_size": self.world_size}
+        try:
+            save_checkpoint(self.path, manifest, tensors)
+        except OSError as exc:
+            kept = ("the previous checkpoint in it is kept" if self.last_written is None
+                    else f"the checkpoint after task {self.last_written - 1} is kept")
+            raise OutputError(f"cannot write the checkpoint after task {state.tasks_done - 1} to "
+                                         f"{self.path} ({exc.strerror or exc}); {kept}") from None
+        self.last_written = state.tasks_done
 
 
 def spec_of(ckpt: Checkpoint) -> RunSpec:
+    """The run spec saved in ``ckpt``, its schema checked (``manifest.validate_spec``).
+
+    Raises:
+        CheckpointError: a field of the spec is missing or of the wrong type (named).
+    """
+    if not ckpt.manifest.get("compact_format"):
+        validate_run_manifest(ckpt.manifest, ckpt.tensors, ckpt.path)
+    else:
+        validate_spec(ckpt.manifest.get("spec"), ckpt.path)
     try:
         return RunSpec(**ckpt.manifest["spec"])
     except (KeyError, TypeError) as exc:
@@ -168,6 +307,7 @@ def restore(ckpt: Checkpoint, spec: RunSpec | None = None,
     missing = [k for k in ("spec", "input_shape", "structure", "method", "run") if k not in ckpt.manifest]
     if missing:
         raise CheckpointError(f"checkpoint {ckpt.path}: its manifest lacks {', '.join(missing)}")
+    validate_run_manifest(ckpt.manifest, ckpt.tensors, ckpt.path)
     spec = spec or spec_of(ckpt)
     saved_device = ckpt.manifest.get("device", "cpu")
     if continue_on is not None and torch.device(continue_on).type != saved_device:

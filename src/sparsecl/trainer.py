@@ -4,6 +4,7 @@ far, and verify that earlier tasks' logits did not move (DESIGN §2.1)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import math
 import time
@@ -17,9 +18,9 @@ from torch import nn
 
 from . import distributed, metrics
 from .data.augment import random_crop_flip
-from .data.types import Benchmark, TaskData
+from .data.types import Benchmark, LazyTasks, TaskData, task_header
 from .distributed import World
-from .errors import CheckpointError, ConfigError, DivergenceError, ForgettingError
+from .errors import CheckpointError, ConfigError, DataError, DivergenceError, ForgettingError
 from .methods.base import Method
 from .network import ContinualNetwork
 from .routing import (ROUTING_MODES, ExemplarBuffer, RoutingRecord, common_prepare, evaluate_routing, fit_router,
@@ -68,6 +69,20 @@ class TrainConfig:
     router_free_units: bool = True
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # API callers (and saved specs) get the CLI's checks, by argument name
+            value, kind = getattr(self, f.name), str(f.type)
+            where = f"--{f.name.replace('_', '-')} (TrainConfig.{f.name})"
+            if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"{where} must be an integer, got {value!r}")
+            if kind == "float":
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ConfigError(f"{where} must be a number, got {value!r}")
+                if not math.isfinite(value):
+                    raise ConfigError(f"{where} must be a finite number, got {value}")
+            if kind == "bool" and not isinstance(value, bool):
+                raise ConfigError(f"{where} must be True or False, got {value!r}")
+            if kind == "str" and not isinstance(value, str):
+                raise ConfigError(f"{where} must be a string, got {value!r}")
         if self.routing not in ROUTING_MODES:
             raise ConfigError(f"--routing must be one of {', '.join(ROUTING_MODES)}, got '{self.routing}'")
         if self.optimizer not in OPTIMIZERS:
@@ -75,15 +90,40 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size", "probe_size", "router_buffer", "router_epochs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        try:
-            torch.device(self.device)
-        except (RuntimeError, TypeError):
-            raise ConfigError(f"--device must be a torch device such as cpu or cuda, got '{self.device}'") from None
+        check_device(self.device)
         for name in ("lr", "weight_decay", "momentum", "router_hidden"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be non-negative, got {getattr(self, name)}")
         if not self.router_lr > 0:
             raise ConfigError(f"--router-lr must be above 0, got {self.router_lr}")
+
+
+def check_device(device: str, option: str = "--device") -> None:
+    """Refuse a device this build of torch cannot use (``cuda`` on a CPU build, a missing GPU
+    index) with one line, instead of the error of the first tensor moved there.
+
+    Raises:
+        ConfigError: naming ``option`` and the device.
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"{option} must be a torch device such as cpu or cuda, got '{device}'") from None
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ConfigError(f"{option} {device}: {why}; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"{option} {device}: there are {torch.cuda.device_count()} CUDA device(s), "
+                              f"0..{torch.cuda.device_count() - 1}")
+        return
+    try:
+        torch.empty(1, device=dev)
+    except (RuntimeError, AssertionError) as exc:
+        raise ConfigError(f"{option} {device}: torch cannot use this device here "
+                          f"({' '.join(str(exc).split())[:160]})") from None
 
 
 def make_optimizer(params: Sequence[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
@@ -477,6 +517,23 @@ def check_task(task: TaskData, t: int, head_classes: int | None = None) -> None:
             bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
             raise ConfigError(f"task {t} ('{task.name}'): {split} label {bad} is outside the head's "
                               f"classes 0..{n - 1}")
+        check_finite(getattr(task, f"{split}_x"), t, task.name, split)
+
+
+def check_finite(x: torch.Tensor, t: int, name: str, split: str) -> None:
+    """Refuse images holding NaN or infinity (integer images cannot).
+
+    Raises:
+        DataError: naming the task, the split and the first bad sample's index.
+    """
+    if not x.is_floating_point() or x.numel() == 0:
+        return
+    bad = ~torch.isfinite(x.reshape(len(x), -1)).all(1)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        value = x[i].reshape(-1)[~torch.isfinite(x[i].reshape(-1))][0]
+        raise DataError(f"task {t} ('{name}'): {split} sample {i} holds {float(value)} ({int(bad.sum())} "
+                        f"{split} sample(s) hold NaN or infinity); the data must be finite")
 
 
 class Trainer:
@@ -533,17 +590,23 @@ class Trainer:
                                   f"with {state.tasks_done} heads; got one with {have} heads")
             net = model.to(cfg.device)
         T = benchmark.num_tasks
+        check_stream_length(method, T)
+        lazy = isinstance(benchmark.tasks, LazyTasks)  # its tasks are checked when they start, not built now
         for t in range(state.tasks_done, T):  # refuse a bad task now, not after hours of training
-            check_task(benchmark.tasks[t], t)
-            if net.single_head and benchmark.tasks[t].num_classes != net.head_weight.shape[0]:
-                raise ConfigError(f"single head: task {t} ('{benchmark.tasks[t].name}') has "
-                                  f"{benchmark.tasks[t].num_classes} classes but the shared output layer "
+            if not lazy:
+                check_task(benchmark.tasks[t], t)
+            head = task_header(benchmark.tasks, t)
+            if net.single_head and head.num_classes != net.head_weight.shape[0]:
+                raise ConfigError(f"single head: task {t} ('{head.name}') has "
+                                  f"{head.num_classes} classes but the shared output layer "
                                   f"has {net.head_weight.shape[0]}; every task needs the same number")
         self._begin_routing(benchmark, state)
         progress = _progress() if cfg.progress else None
         with progress or nullcontext():
             for t in range(state.tasks_done, T):
                 task = benchmark.tasks[t]
+                if lazy:
+                    check_task(task, t)
                 start = time.perf_counter()
                 net.add_head(task.num_classes)
                 method.begin_task(net, t, task)
@@ -635,10 +698,10 @@ class Trainer:
         state.rows.append([accuracy(net, prev.test_x, prev.test_y, i, cfg.eval_batch_size, cfg.device, prev.prepare,
                                     self.world) for i, prev in enumerate(benchmark.tasks[: t + 1])])
         for i, (px, logits) in enumerate(state.probes[:-1]):
-            now = predict(net, px, i, cfg.eval_batch_size, cfg.device, benchmark.tasks[i].prepare).cpu()
-            change = float((now - logits).abs().max())
-            state.max_change = max(state.max_change, change if math.isfinite(change) else math.inf)
-            if method.isolates and not torch.equal(now, logits):
+            now = predict(net, px, i, cfg.eval_batch_size, cfg.device, task_prepare(benchmark.tasks, i)).cpu()
+            change, same = logit_change(px, now, logits)
+            state.max_change = max(state.max_change, change)
+            if method.isolates and not same:
                 raise ForgettingError(
                     f"method '{method.name}' changed the logits of task {i} while learning "
                     f"task {t} (largest absolute change {change:g}); zero forgetting broke")
@@ -649,6 +712,44 @@ class Trainer:
         for name, counts in method.reuse(net).items():
             for key, n in counts.items():
                 state.reuse.setdefault(name, {}).setdefault(key, []).append(n)
+
+
+def task_prepare(tasks, i: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Task ``i``'s input pipeline (``TaskData.prepare``) without building a lazy task."""
+    if not isinstance(tasks, LazyTasks):
+        return tasks[i].prepare
+    head = tasks.header(i)
+    return TaskData(head.task_id, head.name, head.classes, *([torch.empty(0)] * 6), normalize=head.normalize,
+                    augment=head.augment).prepare
+
+
+def logit_change(x: torch.Tensor, now: torch.Tensor, before: torch.Tensor) -> tuple[float, bool]:
+    """The largest absolute change of the logits of the probe inputs ``x`` (``(n, ...)``) from
+    ``before`` to ``now`` (``(n, classes)``), and whether they are the same bit for bit. Only the
+    rows of finite inputs count (the data checks refuse others, but a probe restored from a
+    checkpoint is not re-checked); a logit that is finite on one side only is an infinite change,
+    NaN where it was NaN is no change."""
+    rows = torch.isfinite(x.reshape(len(x), -1)).all(1) if x.is_floating_point() else torch.ones(len(x), dtype=torch.bool)
+    now, before = now[rows], before[rows]
+    fin_now, fin_before = torch.isfinite(now), torch.isfinite(before)
+    same_kind = torch.equal(fin_now, fin_before) and torch.equal(now[~fin_now].nan_to_num(0.0),
+                                                                 before[~fin_before].nan_to_num(0.0))
+    both = fin_now & fin_before
+    change = float((now[both] - before[both]).abs().max()) if bool(both.any()) else 0.0
+    same = same_kind and torch.equal(now[both], before[both])
+    return (change if same_kind else math.inf), same
+
+
+def check_stream_length(method: Method, num_tasks: int) -> None:
+    """Refuse, before task 0, a stream longer than the method can learn (``Method.max_tasks``).
+
+    Raises:
+        ConfigError: naming the method, its limit and the number of tasks asked for.
+    """
+    limit = getattr(method, "max_tasks", None)
+    if limit is not None and num_tasks > limit:
+        raise ConfigError(f"method '{method.name}' can learn at most {limit} tasks, but the stream has "
+                          f"{num_tasks} (--tasks); use at most --tasks {limit}")
 
 
 def _progress() -> Progress:

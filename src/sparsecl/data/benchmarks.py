@@ -30,7 +30,7 @@ import torch
 
 from ..errors import ConfigError
 from .formats import load_cifar, load_mnist_like, resolve_data_root
-from .types import Benchmark, TaskData
+from .types import Benchmark, LazyTasks, TaskData, TaskHeader
 
 __all__ = [
     "BENCHMARKS",
@@ -314,11 +314,20 @@ def pixel_permutations(num_tasks: int, seed: int = 0, permute_first: bool = Fals
     """The pixel permutation of each permuted-MNIST task: ``int64 (784,)`` tensors, ``None`` for an
     unpermuted task 0. One permutation per task is drawn in order from ``torch.Generator`` seeded
     with ``seed``, so task ``k >= 1`` gets the same permutation whatever ``permute_first``."""
-    gen = torch.Generator().manual_seed(seed)
-    perms: list[torch.Tensor | None] = [torch.randperm(28 * 28, generator=gen) for _ in range(num_tasks)]
+    table = _permutation_table(num_tasks, seed)
+    perms: list[torch.Tensor | None] = [row.long() for row in table]
     if not permute_first and perms:
         perms[0] = None
     return perms
+
+
+def _permutation_table(num_tasks: int, seed: int) -> torch.Tensor:
+    """:func:`pixel_permutations` as one ``int16 (num_tasks, 784)`` tensor (1.5 kB per task)."""
+    gen = torch.Generator().manual_seed(seed)
+    table = torch.empty((num_tasks, 28 * 28), dtype=torch.int16)
+    for t in range(num_tasks):
+        table[t] = torch.randperm(28 * 28, generator=gen)
+    return table
 
 
 def permuted_mnist(
@@ -334,8 +343,11 @@ def permuted_mnist(
     """Permuted MNIST: each task holds all 10 digits with its own fixed pixel permutation
     (see :func:`pixel_permutations`); task 0 is unpermuted unless ``permute_first``.
 
-    Images ``uint8 (N, 1, 28, 28)``; labels ``int64`` 0..9 (``classes == (0, ..., 9)``). Each permuted
-    task materializes its own copy of the images (about 55 MB for the full training set).
+    Images ``uint8 (N, 1, 28, 28)``; labels ``int64`` 0..9 (``classes == (0, ..., 9)``). The tasks
+    are built when accessed (``Benchmark.tasks`` is a :class:`~sparsecl.data.types.LazyTasks`):
+    each permuted task materializes its own copy of the images (about 55 MB for the full training
+    set) only while it is in use, so the memory of a stream does not grow with its length (the
+    permutations take 1.5 kB per task).
 
     Raises:
         ConfigError: an option out of range (``num_tasks < 1``, ``val_fraction`` outside [0, 1), ...).
@@ -344,25 +356,33 @@ def permuted_mnist(
     _check_int("num_tasks", num_tasks, 1)
     _check_common(seed, val_fraction, max_train_per_task, max_test_per_task)
     root, train, test = _mnist_tensors(data_root, "MNIST", download)
-    tasks = []
-    for t, perm in enumerate(pixel_permutations(num_tasks, seed, bool(permute_first))):
-        transform = None if perm is None else (lambda x, p=perm: x.flatten(1)[:, p].view(x.shape))
-        tasks.append(
-            _make_task(
-                t, f"permuted-mnist:{t}", tuple(range(10)), train, test,
-                seed=seed, val_fraction=val_fraction, max_train=max_train_per_task,
-                max_test=max_test_per_task, transform=transform,
-            )
+    table = _permutation_table(num_tasks, seed)
+    permute_first = bool(permute_first)
+    classes = tuple(range(10))
+
+    def build(t: int) -> TaskData:
+        transform = None
+        if t > 0 or permute_first:
+            perm = table[t].long()
+            transform = lambda x, p=perm: x.flatten(1)[:, p].view(x.shape)  # noqa: E731
+        return _make_task(
+            t, f"permuted-mnist:{t}", classes, train, test,
+            seed=seed, val_fraction=val_fraction, max_train=max_train_per_task,
+            max_test=max_test_per_task, transform=transform,
         )
+
+    tasks = LazyTasks(num_tasks, build, lambda t: TaskHeader(t, f"permuted-mnist:{t}", classes))
+    first = tasks[0]
     info = {
         "dataset": "MNIST",
         "data_root": root,
         "seed": seed,
-        "permute_first": bool(permute_first),
+        "permute_first": permute_first,
         "val_fraction": val_fraction,
         "max_train_per_task": max_train_per_task,
         "max_test_per_task": max_test_per_task,
-        "sizes": _sizes(tasks),
+        # every task holds all ten classes: the same split sizes (their seeded subsets differ)
+        "sizes": _sizes([first]) * num_tasks,
     }
     return Benchmark("permuted-mnist", tasks, (1, 28, 28), info)
 

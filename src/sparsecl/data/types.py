@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterator, Sequence, overload
 
 import torch
 
@@ -99,12 +100,118 @@ class TaskData:
 
 
 @dataclass(frozen=True)
+class TaskHeader:
+    """What is known of a task without building its tensors: id, name, classes, input pipeline."""
+
+    task_id: int
+    name: str
+    classes: tuple[int, ...]
+    normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    augment: bool = False
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def header_of(task: TaskData) -> TaskHeader:
+    return TaskHeader(task.task_id, task.name, task.classes, task.normalize, task.augment)
+
+
+class _Source:
+    """The builder of a lazy task list and the cache of the tasks it built last."""
+
+    def __init__(self, build: Callable[[int], TaskData], header: Callable[[int], TaskHeader], cache: int):
+        self.build, self.header, self.size = build, header, cache
+        self.cache: OrderedDict[int, TaskData] = OrderedDict()
+
+    def get(self, i: int) -> TaskData:
+        if i in self.cache:
+            self.cache.move_to_end(i)
+            return self.cache[i]
+        task = self.build(i)
+        self.cache[i] = task
+        while len(self.cache) > self.size:
+            self.cache.popitem(last=False)
+        return task
+
+
+class LazyTasks(Sequence[TaskData]):
+    """A benchmark's task list whose tasks are built when accessed (``build(i)``), so that a long
+    stream (10,000 Permuted-MNIST tasks) does not hold every task's images at once: only the
+    ``cache`` tasks accessed last are kept (plus those a caller holds). ``header(i)`` tells a
+    task's id, classes and input pipeline without building it. Slices are lazy views."""
+
+    def __init__(self, length: int, build: Callable[[int], TaskData],
+                 header: Callable[[int], TaskHeader] | None = None, cache: int = 2,
+                 _source: _Source | None = None, _indices: range | None = None):
+        self._source = _source or _Source(build, header or (lambda i: header_of(build(i))), cache)
+        self._indices = range(length) if _indices is None else _indices
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    @overload
+    def __getitem__(self, i: int) -> TaskData: ...
+    @overload
+    def __getitem__(self, i: slice) -> "LazyTasks": ...
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return LazyTasks(0, self._source.build, _source=self._source, _indices=self._indices[i])
+        return self._source.get(self._indices[i])
+
+    def __iter__(self) -> Iterator[TaskData]:
+        for i in self._indices:
+            yield self._source.get(i)
+
+    def header(self, i: int) -> TaskHeader:
+        return self._source.header(self._indices[i])
+
+    def __repr__(self) -> str:
+        return f"LazyTasks({len(self)} tasks)"
+
+    @staticmethod
+    def concat(parts: Sequence[Sequence[TaskData]]) -> "list[TaskData] | LazyTasks":
+        """The tasks of ``parts`` one after another, renumbered ``0..T-1``: a plain list when every
+        part is one, else a lazy list."""
+        if not any(isinstance(p, LazyTasks) for p in parts):
+            out: list[TaskData] = []
+            for p in parts:
+                out += [replace(task, task_id=len(out) + i) for i, task in enumerate(p)]
+            return out
+        starts, total = [], 0
+        for p in parts:
+            starts.append(total)
+            total += len(p)
+
+        def where(i: int) -> tuple[Sequence[TaskData], int]:
+            k = max(j for j, s in enumerate(starts) if s <= i)
+            return parts[k], i - starts[k]
+
+        def build(i: int) -> TaskData:
+            p, j = where(i)
+            return replace(p[j], task_id=i)
+
+        def header(i: int) -> TaskHeader:
+            p, j = where(i)
+            return replace(task_header(p, j), task_id=i)
+
+        return LazyTasks(total, build, header)
+
+
+def task_header(tasks: Sequence[TaskData], i: int) -> TaskHeader:
+    """Task ``i``'s header, without building it when ``tasks`` is lazy."""
+    return tasks.header(i) if isinstance(tasks, LazyTasks) else header_of(tasks[i])
+
+
+@dataclass(frozen=True)
 class Benchmark:
     """An ordered stream of tasks plus what is needed to reproduce it (``info``: seed, class order,
     whether the first permuted-MNIST task is permuted, sizes...)."""
 
     name: str
-    tasks: list[TaskData]
+    tasks: Sequence[TaskData]  # a list, or a LazyTasks that builds each task when accessed
     input_shape: tuple[int, ...]
     info: dict[str, Any] = field(default_factory=dict)
 

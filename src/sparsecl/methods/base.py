@@ -38,6 +38,10 @@ class Method:
     #: True when each task computes its features with a subnetwork of its own (weight-level
     #: methods): a sample's features then depend on the task it is routed to.
     features_per_task: ClassVar[bool] = False
+    #: The most tasks the method can learn (a limit of its bookkeeping, e.g. the integer type of
+    #: its per-weight owner ids); ``None``: no fixed limit. The trainer refuses a longer stream
+    #: before task 0 rather than failing at the task past the limit.
+    max_tasks: ClassVar[int | None] = None
 
     def setup(self, net: "ContinualNetwork") -> None:
         """Called once, before the first task."""
