@@ -24,7 +24,7 @@ from pathlib import Path
 from ..errors import ConfigError, DataFormatError, DataNotFoundError
 from .formats import CIFAR_FOLDERS, cifar_file_names
 
-__all__ = ["CIFAR_ARCHIVES", "MIRRORS", "MD5S", "download_cifar", "download_mnist_like", "file_md5"]
+__all__ = ["CIFAR_ARCHIVES", "MIRRORS", "MD5S", "SIZES", "download_cifar", "download_mnist_like", "file_md5"]
 
 #: Default mirror of each data set (a ``base_url`` argument overrides it).
 MIRRORS: dict[str, str] = {
@@ -56,6 +56,23 @@ MD5S: dict[str, dict[str, str]] = {
     },
 }
 
+#: Size in bytes of each official file: a download is never read past it (a server that sends
+#: more, with or without a Content-Length, is cut off before the MD5 check rejects it).
+SIZES: dict[str, int] = {
+    "MNIST/train-images-idx3-ubyte.gz": 9912422,
+    "MNIST/train-labels-idx1-ubyte.gz": 28881,
+    "MNIST/t10k-images-idx3-ubyte.gz": 1648877,
+    "MNIST/t10k-labels-idx1-ubyte.gz": 4542,
+    "FashionMNIST/train-images-idx3-ubyte.gz": 26421880,
+    "FashionMNIST/train-labels-idx1-ubyte.gz": 29515,
+    "FashionMNIST/t10k-images-idx3-ubyte.gz": 4422102,
+    "FashionMNIST/t10k-labels-idx1-ubyte.gz": 5148,
+    "CIFAR10/cifar-10-python.tar.gz": 170498071,
+    "CIFAR100/cifar-100-python.tar.gz": 169001437,
+}
+#: Cap of a download whose size is not in :data:`SIZES` (a file of another mirror or test).
+MAX_DOWNLOAD_BYTES = 1 << 30
+
 _CHUNK = 1 << 20
 
 
@@ -68,8 +85,15 @@ def file_md5(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _fetch(url: str, dest: Path, expected_md5: str, timeout: float, progress: bool) -> None:
-    """Download ``url`` to ``dest`` through a temporary file in ``dest.parent``; verify its MD5."""
+def _fetch(url: str, dest: Path, expected_md5: str, timeout: float, progress: bool,
+           max_bytes: int | None = None) -> None:
+    """Download ``url`` to ``dest`` through a temporary file in ``dest.parent``; verify its MD5.
+    At most ``max_bytes`` (default :data:`MAX_DOWNLOAD_BYTES`) are read: a longer response is
+    refused as soon as it passes the limit, whatever its Content-Length says."""
+    limit = MAX_DOWNLOAD_BYTES if max_bytes is None else max_bytes
+    too_big = lambda n: DataFormatError(  # noqa: E731
+        f"{url}: the server sends {n} bytes, more than the {limit} bytes of {dest.name} (MD5 {expected_md5}); "
+        f"the download was stopped and discarded, nothing was written to {dest}")
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     tmp = Path(tmp_name)
     try:
@@ -78,7 +102,11 @@ def _fetch(url: str, dest: Path, expected_md5: str, timeout: float, progress: bo
         try:
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
                 total = response.headers.get("Content-Length")
-                for chunk in iter(lambda: response.read(_CHUNK), b""):
+                if total is not None and total.isdigit() and int(total) > limit:
+                    raise too_big(f"a Content-Length of {total}")
+                for chunk in iter(lambda: response.read(min(_CHUNK, limit + 1 - size)), b""):
+                    if size + len(chunk) > limit:
+                        raise too_big(f"at least {size + len(chunk)}")
                     out.write(chunk)
                     digest.update(chunk)
                     size += len(chunk)
@@ -87,6 +115,8 @@ def _fetch(url: str, dest: Path, expected_md5: str, timeout: float, progress: bo
                         print(f"\r  {dest.name}: {done}", end="", file=sys.stderr, flush=True)
                 if total is not None and total.isdigit() and size != int(total):
                     raise OSError(f"connection closed after {size} of {total} bytes")
+        except DataFormatError:
+            raise
         except (OSError, http.client.HTTPException, ValueError) as exc:  # URLError is an OSError
             plain_url_error = isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError)
             reason = exc.reason if plain_url_error else exc
@@ -143,7 +173,7 @@ def download_mnist_like(
             continue
         if progress:
             print(f"downloading {base}{name}", file=sys.stderr, flush=True)
-        _fetch(base + name, dest, md5, timeout, progress)
+        _fetch(base + name, dest, md5, timeout, progress, SIZES.get(f"{dataset}/{name}"))
     return raw_dir
 
 
@@ -224,7 +254,7 @@ def download_cifar(
         url = base + name
         if progress:
             print(f"downloading {url}", file=sys.stderr, flush=True)
-        _fetch(url, archive, md5, timeout, progress)
+        _fetch(url, archive, md5, timeout, progress, SIZES.get(f"{dataset}/{name}"))
         extracted = tmp / "extracted"
         extracted.mkdir()
         _safe_extract(archive, extracted, url)

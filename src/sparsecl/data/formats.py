@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, DataFormatError, DataNotFoundError
+from ..errors import ConfigError, DataFormatError, DataNotFoundError, SparseCLError
 
 __all__ = [
     "CIFAR_DATASETS",
@@ -62,6 +62,10 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     Returns a writable, native-endian array whose dtype is given by the file's type code (uint8,
     int8, int16, int32, float32 or float64) and whose shape is the file's dimensions.
 
+    A gzip file is decompressed as a stream, never beyond the payload size its IDX header
+    declares (plus 1 MiB to report trailing bytes): a small file that inflates to gigabytes is
+    refused without holding them.
+
     Raises:
         DataNotFoundError: the file does not exist.
         DataFormatError: corrupt gzip stream, bad magic number, unknown type code, header or
@@ -70,29 +74,57 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     """
     path = Path(path)
     try:
-        data = path.read_bytes()
+        raw = open(path, "rb")
     except FileNotFoundError:
         raise DataNotFoundError(f"{path}: IDX file not found") from None
     except IsADirectoryError:
         raise DataFormatError(f"{path}: expected an IDX file, found a directory") from None
-
-    if path.suffix == ".gz":
-        if data[:2] != _GZIP_MAGIC:
-            raise DataFormatError(
-                f"{path}: expected a gzip stream (magic bytes 1f 8b), got {data[:2].hex(' ') or 'an empty file'}"
-            )
+    with raw:
+        gz = path.suffix == ".gz"
+        stream: Any = raw
+        if gz:
+            magic = raw.read(2)
+            if magic != _GZIP_MAGIC:
+                raise DataFormatError(
+                    f"{path}: expected a gzip stream (magic bytes 1f 8b), got {magic.hex(' ') or 'an empty file'}"
+                )
+            raw.seek(0)
+            stream = gzip.GzipFile(fileobj=raw, mode="rb")
         try:
-            data = gzip.decompress(data)
+            return _parse_idx(path, stream, None if gz else os.fstat(raw.fileno()).st_size)
+        except SparseCLError:
+            raise
         except (OSError, EOFError, zlib.error) as exc:
-            raise DataFormatError(f"{path}: corrupt gzip stream, expected a complete gzip file ({exc})") from None
+            if gz:
+                raise DataFormatError(f"{path}: corrupt gzip stream, expected a complete gzip file ({exc})") from None
+            raise DataFormatError(f"{path}: cannot be read ({exc}); expected an IDX file") from None
 
-    if len(data) < 4:
-        raise DataFormatError(f"{path}: expected a 4-byte IDX magic number, got only {len(data)} bytes")
-    zero0, zero1, code, ndim = data[0], data[1], data[2], data[3]
+
+_CHUNK = 1 << 20
+_TRAILING_PROBE = 1 << 20  # bytes read past a gzip payload to report how many trail it
+
+
+def _read_up_to(stream: Any, n: int) -> bytearray:
+    """At most ``n`` bytes of ``stream``, read in chunks (memory follows the data, not ``n``)."""
+    out = bytearray()
+    while len(out) < n:
+        chunk = stream.read(min(_CHUNK, n - len(out)))
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+def _parse_idx(path: Path, stream: Any, file_size: int | None) -> np.ndarray:
+    """The IDX array in ``stream`` (``file_size``: the size of a raw file, ``None`` for gzip)."""
+    head = _read_up_to(stream, 4)
+    if len(head) < 4:
+        raise DataFormatError(f"{path}: expected a 4-byte IDX magic number, got only {len(head)} bytes")
+    zero0, zero1, code, ndim = head[0], head[1], head[2], head[3]
     if zero0 != 0 or zero1 != 0:
-        hint = " (the file looks gzip-compressed: its name should end in .gz)" if data[:2] == _GZIP_MAGIC else ""
+        hint = " (the file looks gzip-compressed: its name should end in .gz)" if bytes(head[:2]) == _GZIP_MAGIC else ""
         raise DataFormatError(
-            f"{path}: bad IDX magic number {data[:4].hex(' ')}: expected two zero bytes, then a type "
+            f"{path}: bad IDX magic number {bytes(head).hex(' ')}: expected two zero bytes, then a type "
             f"code and the number of dimensions{hint}"
         )
     if code not in _IDX_DTYPES:
@@ -100,28 +132,43 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         raise DataFormatError(f"{path}: bad IDX magic number: type code 0x{code:02X} is not one of {known}")
 
     header_len = 4 + 4 * ndim
-    if len(data) < header_len:
+    dim_bytes = _read_up_to(stream, 4 * ndim)
+    if len(dim_bytes) < 4 * ndim:
         raise DataFormatError(
-            f"{path}: truncated IDX header: expected {header_len} bytes for {ndim} dimensions, got {len(data)} bytes"
+            f"{path}: truncated IDX header: expected {header_len} bytes for {ndim} dimensions, "
+            f"got {4 + len(dim_bytes)} bytes"
         )
-    dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    dims = tuple(int(d) for d in np.frombuffer(bytes(dim_bytes), dtype=">u4", count=ndim))
     dtype = _IDX_DTYPES[code]
     count = 1
     for d in dims:
         count *= d
     expected = count * dtype.itemsize
-    got = len(data) - header_len
+    described = f"after the header for dimensions {dims} of {dtype.name}"
+    if file_size is not None and file_size - header_len < expected:  # known without reading the payload
+        raise DataFormatError(
+            f"{path}: truncated IDX payload: expected {expected} bytes {described}, got {file_size - header_len} bytes"
+        )
+    payload = _read_up_to(stream, expected)
+    got = len(payload)
     if got < expected:
+        raise DataFormatError(f"{path}: truncated IDX payload: expected {expected} bytes {described}, got {got} bytes")
+    if file_size is not None:
+        extra = file_size - header_len - expected
+        more = ""
+    else:
+        tail = _read_up_to(stream, _TRAILING_PROBE + 1)
+        extra = len(tail)
+        more = "more than " if extra > _TRAILING_PROBE else ""
+        extra = min(extra, _TRAILING_PROBE)
+        if not extra:
+            stream.read(1)  # reaches the end of the gzip member: its CRC and length are checked
+    if extra:
         raise DataFormatError(
-            f"{path}: truncated IDX payload: expected {expected} bytes after the header for "
-            f"dimensions {dims} of {dtype.name}, got {got} bytes"
+            f"{path}: {more}{extra} trailing bytes: expected exactly {expected} bytes {described}, "
+            f"got {more}{expected + extra} bytes"
         )
-    if got > expected:
-        raise DataFormatError(
-            f"{path}: {got - expected} trailing bytes: expected exactly {expected} bytes after the "
-            f"header for dimensions {dims} of {dtype.name}, got {got} bytes"
-        )
-    array = np.frombuffer(data, dtype=dtype, count=count, offset=header_len).reshape(dims)
+    array = np.frombuffer(payload, dtype=dtype, count=count).reshape(dims)
     return array.astype(dtype.newbyteorder("="))  # copies: writable and native-endian
 
 
