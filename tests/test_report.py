@@ -289,3 +289,174 @@ def test_weight_level_runs_report_weights_and_bits(tmp_path):
     (bad / "metrics.json").write_text(json.dumps(m))
     with pytest.raises(ConfigError, match='"bits_per_parameter"'):
         write_report(bad)
+
+
+# ---------------------------------------------------------------------------- pictures
+
+def test_accuracy_colour_scale_is_fixed_and_title_names_the_run(tmp_path):
+    """Two runs compare by colour: the scale is 0–100 % whatever the accuracies; the title gives
+    method, benchmark, model, ACC and BWT."""
+    from sparsecl.report import accuracy_figure, load_metrics
+
+    m = fake_metrics()
+    m["config"]["model"] = "mlp"
+    fig = accuracy_figure(load_metrics(make_run(tmp_path, m)))
+    ax = fig.axes[0]
+    norm = ax.images[0].norm
+    assert (norm.vmin, norm.vmax) == (0.0, 100.0)
+    title = ax.get_title()
+    assert "eidetic on split-mnist (mlp)" in title
+    assert "ACC 98.36 %" in title and "BWT +0.00 points" in title
+    m["accuracy_matrix"] = [[0.2, None, None], [0.1, 0.3, None], [0.1, 0.25, 0.4]]
+    del m["acc"], m["bwt"]  # computed from the matrix when absent
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "metrics.json").write_text(json.dumps(m))
+    ax = accuracy_figure(load_metrics(other)).axes[0]
+    assert (ax.images[0].norm.vmin, ax.images[0].norm.vmax) == (0.0, 100.0)
+    assert "ACC 25.00 %" in ax.get_title() and "BWT -7.50 points" in ax.get_title()
+
+
+def many_groups_metrics(groups: int = 12, T: int = 3) -> dict:
+    m = fake_metrics(reuse=False)
+    m["accuracy_matrix"] = [[0.5 if i <= t else None for i in range(T)] for t in range(T)]
+    del m["acc"], m["bwt"]
+    names = [f"layer{g // 4 + 1}.{g % 4}.conv" for g in range(groups)]
+    m["capacity"] = {n: [min(1.0, 0.3 * (t + 1)) for t in range(T)] for n in names}
+    owned = [20 // (t + 1) for t in range(T)]
+    free = [64 - sum(owned[:t + 1]) for t in range(T)]
+    m["reuse"] = {n: {"units": [64] * T, "owned": owned, "free": free,
+                      "reused": [min(64, 10 * t * (t + 1)) for t in range(T)]} for n in names}
+    return m
+
+
+def test_many_groups_give_heat_maps(tmp_path):
+    """Beyond MAX_LINES unit groups, capacity and reuse are group x task heat maps on 0–100 %,
+    one row per group, of a readable size (not a strip of one panel per group)."""
+    from sparsecl.report import MAX_LINES, capacity_figure, load_metrics, reuse_figure
+
+    m = load_metrics(make_run(tmp_path, many_groups_metrics(12)))
+    assert 12 > MAX_LINES
+    cap = capacity_figure(m)
+    images = [ax.images[0] for ax in cap.axes if ax.images]
+    assert len(images) == 2  # capacity in use, and units newly taken
+    for im in images:
+        assert im.get_array().shape == (12, 3)
+        assert (im.norm.vmin, im.norm.vmax) == (0.0, 100.0)
+    assert images[0].get_array()[0].tolist() == pytest.approx([30.0, 60.0, 90.0])
+    assert images[1].get_array()[0].tolist() == pytest.approx([100 * 20 / 64, 100 * 10 / 64, 100 * 6 / 64])
+    assert [t.get_text() for t in cap.axes[0].get_yticklabels()][:2] == ["layer1.0.conv", "layer1.1.conv"]
+    reuse = reuse_figure(m)
+    images = [ax.images[0] for ax in reuse.axes if ax.images]
+    assert len(images) == 2 and images[1].get_array()[0].tolist() == pytest.approx([0.0, 100 * 20 / 64, 100 * 60 / 64])
+    width, height = reuse.get_size_inches()
+    assert height < 2 * width  # compact, not a 745x4126 px strip
+    run = tmp_path / "run"
+    write_report(run)
+    assert (run / "capacity.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_few_groups_keep_lines(tmp_path):
+    from sparsecl.report import capacity_figure, load_metrics
+
+    fig = capacity_figure(load_metrics(make_run(tmp_path, fake_metrics())))
+    assert not any(ax.images for ax in fig.axes)
+    assert len(fig.axes[0].get_lines()) == 2  # one line per layer
+
+
+def test_bits_plot_for_weight_level_runs(tmp_path):
+    """bits.png: the four mask-bit series per task, and the compact file's bits beside a 32-bit
+    line when recorded; removed again when a later report has no bits."""
+    from sparsecl.report import bits_figure, load_metrics
+
+    m = fake_metrics(reuse=False)
+    m["bits_per_parameter"] = {"raw": [1.0, 2.0, 3.0], "coded": [0.9, 1.5, 1.9], "stored": [0.9, 1.5, 1.9],
+                               "entropy": [0.8, 1.4, 1.8], "compact": [33.0, 20.0, 12.0],
+                               "compact_task": [33.0, 8.0, 4.0]}
+    run = make_run(tmp_path, m)
+    fig = bits_figure(load_metrics(run))
+    left, right = fig.axes
+    assert [list(line.get_ydata()) for line in left.get_lines()][0] == [1.0, 2.0, 3.0]
+    assert len(left.get_lines()) == 4
+    assert [line.get_ydata()[-1] for line in right.get_lines()] == [12.0, 4.0, 32.0]
+    written = [p.name for p in write_report(run)]
+    assert written == ["accuracy_matrix.png", "capacity.png", "bits.png", "report.md"]
+    del m["bits_per_parameter"]
+    (run / "metrics.json").write_text(json.dumps(m))
+    write_report(run)
+    assert not (run / "bits.png").exists()
+
+
+HISTORY = """task,phase,epoch,loss,accuracy,lr,seconds
+0,train,0,0.90,0.70,0.001,1.5
+0,train,1,0.40,0.90,0.001,1.4
+0,recovery,0,0.35,0.92,0.0005,1.0
+1,train,0,0.80,0.75,0.001,1.5
+1,theta-scan,0,,0.91,,0.2
+2,train,0,0.70,0.80,0.001,1.6
+"""
+
+
+def test_history_plot_and_table(tmp_path):
+    """history.csv: one point per row, coloured by phase, tasks separated; report.md gets a table
+    per task and phase. Empty cells are NaN, a report without the file has no history plot."""
+    from sparsecl.report import history_figure, load_metrics, read_history
+
+    run = make_run(tmp_path, fake_metrics())
+    assert read_history(run / "history.csv") == []
+    assert "history.png" not in [p.name for p in write_report(run)]
+    (run / "history.csv").write_text(HISTORY)
+    rows = read_history(run / "history.csv", 3)
+    assert len(rows) == 6 and rows[2] == {"task": 0, "phase": "recovery", "epoch": 0, "loss": 0.35,
+                                          "accuracy": 0.92, "lr": 0.0005, "seconds": 1.0}
+    assert rows[4]["loss"] != rows[4]["loss"]  # NaN
+    fig = history_figure(load_metrics(run), rows)
+    loss_ax, acc_ax = fig.axes[:2]
+    xs = sorted(x for line in acc_ax.get_lines() if line.get_linestyle() == "-" for x in line.get_xdata())
+    assert xs == [1, 2, 3, 4, 5, 6]  # every row once, in run order
+    ys = [list(line.get_ydata()) for line in acc_ax.get_lines() if line.get_linestyle() == "-"]
+    assert ys[0] == pytest.approx([70.0, 90.0])  # task 0's two training epochs, in %
+    bounds = [line.get_xdata()[0] for line in loss_ax.get_lines() if line.get_linestyle() == ":"]
+    assert bounds == [3.5, 5.5]  # between tasks 0|1 and 1|2
+    top = loss_ax.child_axes[0]  # the task names above the plot
+    assert [t.get_text() for t in top.get_xticklabels()] == ["task 0", "task 1", "task 2"]
+    assert list(top.get_xticks()) == [2.0, 4.5, 6.0]
+    written = [p.name for p in write_report(run)]
+    assert written == [*OUTPUTS[:3], "history.png", "report.md"]
+    assert (run / "history.png").read_bytes().startswith(PNG_SIGNATURE)
+    md = (run / "report.md").read_text()
+    assert "## Training history" in md
+    assert "| 0 | train | 2 | 0.4000 | 90.00 | 2.9 |" in md
+    assert "| 1 | theta-scan | 1 | n/a | 91.00 | 0.2 |" in md
+    assert "![history](history.png)" in md
+    (run / "history.csv").unlink()
+    write_report(run)
+    assert not (run / "history.png").exists()
+
+
+@pytest.mark.parametrize("text, match", [
+    ("task,phase,epoch,loss\n0,train,0,1.0\n", r"missing: accuracy"),
+    ("task,phase,epoch,loss,accuracy\n0,train,0,1.0,95.0\n", r'line 2, column "accuracy": expected a fraction'),
+    ("task,phase,epoch,loss,accuracy\n0,train,0,1.0,0.5\nx,train,1,1.0,0.5\n", r'line 3, column "task"'),
+    ("task,phase,epoch,loss,accuracy\n7,train,0,1.0,0.5\n", r'column "task": expected a task id below 3'),
+    ("task,phase,epoch,loss,accuracy\n0,,0,1.0,0.5\n", r'column "phase"'),
+    ("task,phase,epoch,loss,accuracy\n0,train,0,low,0.5\n", r'column "loss": expected a number'),
+])
+def test_malformed_history_names_file_line_and_column(tmp_path, text, match):
+    run = make_run(tmp_path, fake_metrics())
+    (run / "history.csv").write_text(text)
+    with pytest.raises(ConfigError, match=match) as info:
+        write_report(run)
+    assert "history.csv" in str(info.value)
+    assert leftovers(run) == ["history.csv"]
+
+
+def test_report_module_imports_no_matplotlib():
+    """Importing the report module (as the CLI may) must not import matplotlib: it is loaded
+    only when a figure is drawn."""
+    import subprocess
+    import sys
+
+    code = "import sys, sparsecl.report; print('matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

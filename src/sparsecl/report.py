@@ -1,38 +1,57 @@
 """Human report of a run folder: reads ``RUN_DIR/metrics.json`` (written by ``sparsecl run --out``)
-and writes ``accuracy_matrix.png``, ``capacity.png``, ``reuse.png`` (only when the metrics have a
-non-empty ``"reuse"`` entry), ``routing.png`` (only when they have a ``"routing"`` entry: a run with
-``--routing classifier`` or ``entropy``) and ``report.md`` next to it.
+and, when there is one, ``RUN_DIR/history.csv`` (per-epoch loss and accuracy), and writes next to
+them:
+
+- ``accuracy_matrix.png``: the accuracy matrix as a heat map on a fixed 0–100 % colour scale, so
+  that two runs compare by colour; ACC and BWT in the title;
+- ``capacity.png``: the share of each layer (unit group) in use after every task, as lines for up
+  to ``MAX_LINES`` groups and as a group × task heat map beyond (a ResNet has 12 groups);
+- ``reuse.png`` (only with a non-empty ``"reuse"`` entry): new vs reused units (weights) per layer
+  and task, as bars or, beyond ``MAX_LINES`` groups, as two heat maps;
+- ``bits.png`` (only with ``"bits_per_parameter"``, written by the weight-level methods): the bits
+  per masked weight of the task masks or owner ids, and of the compact model file where recorded;
+- ``routing.png`` (only with a ``"routing"`` entry: a run with ``--routing classifier`` or
+  ``entropy``);
+- ``history.png`` (only when ``history.csv`` exists and has rows): loss and accuracy per epoch,
+  every phase (train, recovery, finetune, theta-scan) in run order, the tasks separated;
+- ``report.md``: the tables.
 
 Every file goes through a temporary file in the same folder and :func:`os.replace`, so an
 interrupted report never leaves half a file; ``report.md`` is written last. A missing folder or
-file, invalid JSON or a key of the wrong shape raises :class:`~sparsecl.errors.ConfigError`.
-Plots use matplotlib's ``Figure`` with the Agg canvas directly (no pyplot global state).
+file, invalid JSON or CSV, or a key or column of the wrong shape raises
+:class:`~sparsecl.errors.ConfigError` naming the file and the key (or line and column).
+
+The figure builders (:func:`accuracy_figure`, :func:`capacity_figure`, ...) take the metrics as
+:func:`load_metrics` returns them and return a matplotlib ``Figure`` on the Agg canvas (no pyplot
+global state). matplotlib is imported inside them, so importing this module stays cheap.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
-from typing import Any
-
-import matplotlib
-import numpy as np
-from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from typing import TYPE_CHECKING, Any
 
 from . import metrics as clmetrics
 from .atomic import write_atomic
 from .errors import ConfigError
 
+if TYPE_CHECKING:  # matplotlib is imported where a figure is drawn, never at import time
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
 DPI = 120
+MAX_LINES = 6  # beyond this many unit groups, capacity and reuse become group x task heat maps
 CONFIG_KEYS = ("method", "benchmark", "epochs", "optimizer", "lr", "batch_size", "seed", "model", "hidden", "width",
                "method_options")
 REUSE_FIELDS = ("units", "owned", "free", "reused")  # neuron-level; weight-level: "weights" and "used" too
 BITS_FIELDS = ("raw", "coded", "stored", "entropy")
 COMPACT_FIELDS = ("compact", "compact_task")  # TinySubNets' compact model file
+HISTORY_NAME = "history.csv"
+HISTORY_COLUMNS = ("task", "phase", "epoch", "loss", "accuracy")  # required; "lr" and "seconds" optional
+PHASE_ORDER = ("train", "recovery", "finetune", "theta-scan")  # fixed colours; other phases follow
 
 
 def _capacity_unit(m: dict[str, Any]) -> str:
@@ -42,39 +61,55 @@ def _capacity_unit(m: dict[str, Any]) -> str:
 
 def _reuse_fields(m: dict[str, Any]) -> tuple[str, ...]:
     return ("weights", "owned", "free", "used", "reused") if _capacity_unit(m) == "weights" else REUSE_FIELDS
+
+
 MARKERS = "osD^v<>phX*"
 LINESTYLES = ("-", "--", "-.", ":")
 
 
 def write_report(run_dir: Path) -> list[Path]:
-    """Read RUN_DIR/metrics.json; write RUN_DIR/accuracy_matrix.png, RUN_DIR/capacity.png,
-    RUN_DIR/reuse.png (only when the metrics have a non-empty "reuse" key), RUN_DIR/routing.png
-    (only when they have a "routing" key) and RUN_DIR/report.md; return the paths written, in
-    that order.
+    """Read RUN_DIR/metrics.json (and RUN_DIR/history.csv when present); write
+    RUN_DIR/accuracy_matrix.png, RUN_DIR/capacity.png, RUN_DIR/reuse.png (only when the metrics
+    have a non-empty "reuse" key), RUN_DIR/bits.png (only with a "bits_per_parameter" key),
+    RUN_DIR/routing.png (only with a "routing" key), RUN_DIR/history.png (only when history.csv
+    has rows) and RUN_DIR/report.md; return the paths written, in that order. A plot of an earlier
+    report that no longer applies is removed.
 
-    Raises ConfigError if RUN_DIR is not a folder, metrics.json is missing or not valid JSON, or
-    a key is missing or of the wrong shape (the message names the file and the key).
+    Raises ConfigError if RUN_DIR is not a folder, metrics.json is missing or not valid JSON, a
+    key is missing or of the wrong shape (the message names the file and the key), or history.csv
+    is malformed (the message names the file, line and column).
     """
     run_dir = Path(run_dir)
-    m = _load_metrics(run_dir)
-    written = [_save_figure(_accuracy_figure(m), run_dir / "accuracy_matrix.png"),
-               _save_figure(_capacity_figure(m), run_dir / "capacity.png")]
-    if m.get("reuse"):
-        written.append(_save_figure(_reuse_figure(m), run_dir / "reuse.png"))
-    else:  # a reuse plot left by an earlier report would no longer match these metrics
-        (run_dir / "reuse.png").unlink(missing_ok=True)
-    if m.get("routing") is not None:
-        written.append(_save_figure(_routing_figure(m), run_dir / "routing.png"))
+    m = load_metrics(run_dir)
+    history = read_history(run_dir / HISTORY_NAME, len(m["accuracy_matrix"]))
+    written = [_save_figure(accuracy_figure(m), run_dir / "accuracy_matrix.png"),
+               _save_figure(capacity_figure(m), run_dir / "capacity.png")]
+    optional = (("reuse.png", reuse_figure, bool(m.get("reuse"))),
+                ("bits.png", bits_figure, m.get("bits_per_parameter") is not None),
+                ("routing.png", routing_figure, m.get("routing") is not None))
+    for name, draw, wanted in optional:
+        if wanted:
+            written.append(_save_figure(draw(m), run_dir / name))
+        else:  # a plot left by an earlier report would no longer match these metrics
+            (run_dir / name).unlink(missing_ok=True)
+    if history:
+        written.append(_save_figure(history_figure(m, history), run_dir / "history.png"))
     else:
-        (run_dir / "routing.png").unlink(missing_ok=True)
-    text = _markdown(m, [p.name for p in written])
+        (run_dir / "history.png").unlink(missing_ok=True)
+    text = _markdown(m, [p.name for p in written], history)
     written.append(write_atomic(run_dir / "report.md", lambda f: f.write(text.encode("utf-8"))))
     return written
 
 
 # ---------------------------------------------------------------------------- reading and checks
 
-def _load_metrics(run_dir: Path) -> dict[str, Any]:
+def load_metrics(run_dir: Path) -> dict[str, Any]:
+    """The checked contents of RUN_DIR/metrics.json, as the figure builders take them.
+
+    Raises ConfigError if RUN_DIR is not a folder, the file is missing or not valid JSON, or a key
+    is missing or of the wrong shape (the message names the file and the key).
+    """
+    run_dir = Path(run_dir)
     if not run_dir.is_dir():
         what = "is not a folder" if run_dir.exists() else "does not exist"
         raise ConfigError(f"run folder {run_dir} {what}; expected a folder holding metrics.json")
@@ -191,6 +226,67 @@ def _check_routing(r: Any, T: int, path: Path) -> None:
         raise bad("per_class", 'a list of {"task", "class", "oracle", "routed"} entries (accuracies in [0, 1] or null)')
 
 
+def read_history(path: Path, num_tasks: int | None = None) -> list[dict[str, Any]]:
+    """The rows of a run's ``history.csv``, in file order, or ``[]`` when the file does not exist.
+
+    The file has a header row naming at least the columns ``task`` (int ≥ 0), ``phase`` (text:
+    ``train``, ``recovery``, ``finetune``, ``theta-scan``, ...), ``epoch`` (int ≥ 0), ``loss``
+    (a number) and ``accuracy`` (a fraction in [0, 1]); ``lr`` and ``seconds`` (numbers) are read
+    when present, other columns are ignored. An empty ``loss``, ``accuracy``, ``lr`` or
+    ``seconds`` cell is read as NaN (a phase that measured no such value). Each row is returned as
+    a dict of those columns. With ``num_tasks``, a task id must be below it.
+
+    Raises ConfigError naming the file, and the line and column, for a missing column, an
+    unreadable or out-of-range value.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            missing = [c for c in HISTORY_COLUMNS if c not in header]
+            if missing:
+                raise ConfigError(f"{path}: the header must name the columns " + ", ".join(HISTORY_COLUMNS) +
+                                  " (lr and seconds optional); missing: " + ", ".join(missing))
+            rows = [_history_row(path, reader.line_num, raw, num_tasks) for raw in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ConfigError(f"{path} cannot be read as CSV: {exc}") from None
+    return rows
+
+
+def _history_row(path: Path, line: int, raw: dict[str, Any], num_tasks: int | None) -> dict[str, Any]:
+    def bad(column: str, expected: str) -> ConfigError:
+        return ConfigError(f"{path}, line {line}, column \"{column}\": expected {expected}; "
+                           f"got {raw.get(column)!r}")
+
+    row: dict[str, Any] = {}
+    for column in ("task", "epoch"):
+        try:
+            row[column] = int(raw[column])
+        except (TypeError, ValueError):
+            raise bad(column, "a non-negative integer") from None
+        if row[column] < 0:
+            raise bad(column, "a non-negative integer")
+    if num_tasks is not None and row["task"] >= num_tasks:
+        raise bad("task", f"a task id below {num_tasks} (the tasks of metrics.json)")
+    phase = (raw.get("phase") or "").strip()
+    if not phase:
+        raise bad("phase", "a phase name such as train, recovery, finetune or theta-scan")
+    row["phase"] = phase
+    for column in ("loss", "accuracy", "lr", "seconds"):
+        text = (raw.get(column) or "").strip()
+        try:
+            value = float(text) if text else math.nan
+        except ValueError:
+            raise bad(column, "a number or an empty cell") from None
+        if column == "accuracy" and not (math.isnan(value) or 0.0 <= value <= 1.0):
+            raise bad(column, "a fraction in [0, 1] or an empty cell")
+        row[column] = value
+    return row
+
+
 # ---------------------------------------------------------------------------- atomic writes
 
 def _save_figure(fig: Figure, path: Path) -> Path:
@@ -202,6 +298,9 @@ def _save_figure(fig: Figure, path: Path) -> Path:
 
 
 def _new_figure(width: float, height: float) -> Figure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -209,32 +308,59 @@ def _new_figure(width: float, height: float) -> Figure:
 
 # ---------------------------------------------------------------------------- plots
 
-def _accuracy_figure(m: dict[str, Any]) -> Figure:
+def _run_name(m: dict[str, Any]) -> str:
+    """"method on benchmark (model)": what every figure's title starts with."""
+    model = (m.get("config") or {}).get("model")
+    return f"{m['method']} on {m['benchmark']}" + (f" ({model})" if isinstance(model, str) else "")
+
+
+def _heatmap(fig: Figure, ax: Axes, data: Any, vmin: float, vmax: float, label: str,
+             fmt: str = "{:.1f}", rows: list[str] | None = None) -> Any:
+    """Draw ``data`` (rows x columns, NaN blank) on a fixed [vmin, vmax] viridis scale with a
+    colour bar; write each cell's value in it while the cells are large enough to read."""
+    import matplotlib
+    import numpy as np
+
+    data = np.ma.masked_invalid(np.asarray(data, dtype=float))
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
+    im = ax.imshow(data, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
+    fig.colorbar(im, ax=ax, shrink=0.9, label=label)
+    n_rows, n_cols = data.shape
+    if n_cols <= 20 and n_rows <= 40:  # beyond, the numbers would overlap: the colours and report.md remain
+        size = 9 if n_cols <= 10 else 7
+        blank = np.ma.getmaskarray(data)
+        for r in range(n_rows):
+            for c in range(n_cols):
+                if not blank[r, c]:
+                    v = float(data[r, c])
+                    light = (v - vmin) / (vmax - vmin) > 0.55  # viridis is light at the top
+                    ax.text(c, r, fmt.format(v), ha="center", va="center", fontsize=size,
+                            color="black" if light else "white")
+    ax.set_xticks(range(n_cols))
+    ax.set_yticks(range(n_rows), rows if rows is not None else range(n_rows))
+    ax.tick_params(labelsize=9)
+    return im
+
+
+def accuracy_figure(m: dict[str, Any]) -> Figure:
+    """The accuracy matrix R (R[t][i]: test accuracy on task i after task t, in %) as a heat map on
+    the fixed colour scale 0–100 %, blank above the diagonal; the title names the method, the
+    benchmark (and model) and gives ACC and BWT (see :mod:`sparsecl.metrics`)."""
+    import numpy as np
+
     R = m["accuracy_matrix"]
     T = len(R)
-    data = np.ma.masked_invalid(np.array([[np.nan if a is None else 100 * a for a in row] for row in R]))
-    vmin = max(0.0, math.floor(float(data.min())) - 1.0)
-    side = max(4.5, 0.55 * T + 2.0)
+    data = np.array([[np.nan if a is None else 100 * a for a in row] for row in R])
+    side = max(4.5, 0.55 * T + 2.0)  # cells keep their size; the figure grows
     fig = _new_figure(side + 1.2, side)
     ax = fig.add_subplot()
-    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
-    im = ax.imshow(data, cmap=cmap, vmin=vmin, vmax=100.0)
-    fig.colorbar(im, ax=ax, shrink=0.9, label="accuracy (%)")
-    size = 9 if T <= 10 else 8 if T <= 15 else 7  # cells keep their size; the figure grows
-    blank = np.ma.getmaskarray(data)
-    for t in range(T):
-        for i in range(T):
-            if not blank[t, i]:
-                v = float(data[t, i])
-                light = (v - vmin) / (100.0 - vmin) > 0.6  # viridis is light at the top
-                ax.text(i, t, f"{v:.1f}", ha="center", va="center", fontsize=size,
-                        color="black" if light else "white")
-    ax.set_xticks(range(T))
-    ax.set_yticks(range(T))
-    ax.tick_params(labelsize=9)
+    _heatmap(fig, ax, data, 0.0, 100.0, "accuracy (%)")
     ax.set_xlabel("evaluated on task")
     ax.set_ylabel("after training task")
-    ax.set_title(f"{m['method']} on {m['benchmark']}: accuracy matrix (%)")
+    acc = m["acc"] if "acc" in m else clmetrics.average_accuracy(R)
+    bwt = m["bwt"] if "bwt" in m else clmetrics.backward_transfer(R)
+    scores = f"ACC {_fmt(acc, 100, '.2f', ' %')}, BWT {_fmt(bwt, 100, '+.2f', ' points')}"
+    ax.set_title(f"{_run_name(m)}\naccuracy matrix (%): {scores}", fontsize=10)
     return fig
 
 
@@ -245,6 +371,8 @@ def _style(k: int) -> dict[str, Any]:
 
 
 def _grouped_bars(ax: Axes, series: list[tuple[str, list[int]]], T: int) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     width = 0.8 / max(1, len(series))
     for k, (label, values) in enumerate(series):
         offset = (k - (len(series) - 1) / 2) * width
@@ -255,9 +383,41 @@ def _grouped_bars(ax: Axes, series: list[tuple[str, list[int]]], T: int) -> None
     ax.grid(True, axis="y", alpha=0.4)
 
 
-def _capacity_figure(m: dict[str, Any]) -> Figure:
+def _share(e: dict[str, list[int]], field: str, unit: str) -> list[float]:
+    """``e[field]`` per task as % of the layer's size (its ``units`` or ``weights``)."""
+    return [100 * x / n if n else math.nan for x, n in zip(e[field], e[unit])]
+
+
+def _heatmap_size(groups: int, T: int, panels: int = 1) -> tuple[float, float]:
+    return max(6.0, 0.5 * T + 4.5), panels * max(2.6, 0.3 * groups + 1.3)
+
+
+def capacity_figure(m: dict[str, Any]) -> Figure:
+    """Capacity in use per layer (unit group) after every task, in % of its units (weight-level
+    methods: weights), as CLNP's Fig. 3 (Golkar, Kagan, Cho: "Continual Learning via Neural
+    Pruning", 2019); with a "reuse" entry also the share each task newly took. Up to
+    ``MAX_LINES`` groups: lines and grouped bars; beyond: group x task heat maps on 0–100 %."""
     cap, reuse = m["capacity"], m.get("reuse") or {}
     T = len(m["accuracy_matrix"])
+    unit = _capacity_unit(m)
+    if len(cap) > MAX_LINES:
+        panels = 2 if reuse else 1
+        fig = _new_figure(*_heatmap_size(len(cap), T, panels))
+        axes = fig.subplots(panels, 1, squeeze=False)[:, 0]
+        names = [str(layer) for layer in cap]
+        _heatmap(fig, axes[0], [[100 * f for f in fractions] for fractions in cap.values()], 0.0, 100.0,
+                 f"{unit} in use (%)", "{:.0f}", names)
+        axes[0].set_title(f"{unit} in use per unit group after each task (%)", fontsize=10)
+        if reuse:
+            layers = [str(layer) for layer in reuse]
+            _heatmap(fig, axes[1], [_share(e, "owned", unit) for e in reuse.values()], 0.0, 100.0,
+                     f"{unit} taken (% of the group)", "{:.0f}", layers)
+            axes[1].set_title(f"{unit} newly taken by each task (% of the group)", fontsize=10)
+        for ax in axes:
+            ax.set_xlabel("task")
+            ax.set_ylabel("unit group")
+        fig.suptitle(_run_name(m))
+        return fig
     fig = _new_figure(max(6.0, 0.45 * T + 3.0), 8.0 if reuse else 4.5)
     axes = fig.subplots(2 if reuse else 1, 1, sharex=True, squeeze=False)[:, 0]
     ax = axes[0]
@@ -265,7 +425,6 @@ def _capacity_figure(m: dict[str, Any]) -> Figure:
         ax.plot(range(T), [100 * f for f in fractions], label=str(layer), **_style(k))
     ax.set_xticks(range(T))
     ax.set_ylim(0, 100)
-    unit = _capacity_unit(m)
     ax.set_ylabel(f"{unit} in use (%)")
     ax.set_title("capacity used per layer")
     ax.grid(True, alpha=0.4)
@@ -277,33 +436,143 @@ def _capacity_figure(m: dict[str, Any]) -> Figure:
         axes[1].set_title(f"{unit} newly taken by each task")
         axes[1].legend(title="layer")
     axes[-1].set_xlabel("task")
+    fig.suptitle(_run_name(m))
     return fig
 
 
-def _reuse_figure(m: dict[str, Any]) -> Figure:
+def reuse_figure(m: dict[str, Any]) -> Figure:
+    """New vs reused units (weight-level methods: weights) per layer and task, as CLNP's Fig. 5b:
+    "reused" counts earlier tasks' frozen units that the task reads. Up to ``MAX_LINES`` layers:
+    one bar panel per layer, up to three side by side; beyond: two group x task heat maps in %
+    of each group's size."""
     reuse = m["reuse"]
     T = len(m["accuracy_matrix"])
-    fig = _new_figure(max(6.0, 0.45 * T + 3.0), 2.8 * len(reuse) + 0.6)
-    axes = fig.subplots(len(reuse), 1, sharex=True, squeeze=False)[:, 0]
     unit = _capacity_unit(m)
+    if len(reuse) > MAX_LINES:
+        fig = _new_figure(*_heatmap_size(len(reuse), T, 2))
+        axes = fig.subplots(2, 1, squeeze=False)[:, 0]
+        layers = [str(layer) for layer in reuse]
+        for ax, field, what in ((axes[0], "owned", f"new {unit} taken"),
+                                (axes[1], "reused", f"{unit} of earlier tasks reused")):
+            _heatmap(fig, ax, [_share(e, field, unit) for e in reuse.values()], 0.0, 100.0,
+                     "% of the group", "{:.0f}", layers)
+            ax.set_title(f"{what} (% of the group's {unit})", fontsize=10)
+            ax.set_xlabel("task")
+            ax.set_ylabel("unit group")
+        fig.suptitle(f"{_run_name(m)}: new vs reused {unit}")
+        return fig
+    cols = min(3, len(reuse))
+    rows = math.ceil(len(reuse) / cols)
+    fig = _new_figure(cols * max(4.0, 0.3 * T + 2.5), 2.8 * rows + 0.9)
+    grid = fig.subplots(rows, cols, sharex=True, squeeze=False)
+    axes = list(grid.flat)
     for ax, (layer, e) in zip(axes, reuse.items()):
         _grouped_bars(ax, [(f"new {unit} taken", e["owned"]),
                            (f"{unit} of earlier tasks reused", e["reused"])], T)
         ax.set_ylabel(unit)
         ax.set_title(f"layer {layer}")
-    axes[-1].set_xlabel("task")
-    fig.suptitle(f"{m['method']} on {m['benchmark']}: new vs reused {unit}")
+        ax.set_xlabel("task")
+    for ax in axes[len(reuse):]:
+        ax.set_visible(False)
+    fig.suptitle(f"{_run_name(m)}: new vs reused {unit}")
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=2)
+    return fig
+
+
+def bits_figure(m: dict[str, Any]) -> Figure:
+    """Bits per parameter after every task (weight-level methods): left, the bits per masked weight
+    of what running every task so far needs (owner ids or task masks), raw, entropy-coded,
+    stored (the smaller) and the Shannon bound; right, when recorded (TinySubNets), the compact
+    model file's bits over the dense float32 model's parameters, all tasks so far and the last
+    task alone, against 32 bits of a float32 weight."""
+    from matplotlib.ticker import MaxNLocator
+
+    bits = m["bits_per_parameter"]
+    T = len(m["accuracy_matrix"])
+    compact = [f for f in COMPACT_FIELDS if f in bits]
+    fig = _new_figure(max(6.0, 0.45 * T + 3.0) * (2 if compact else 1) * 0.85, 4.2)
+    axes = fig.subplots(1, 2 if compact else 1, squeeze=False)[0]
+    labels = {"raw": "raw", "coded": "entropy-coded", "stored": "stored (smaller of the two)",
+              "entropy": "Shannon bound", "compact": "compact file, all tasks so far",
+              "compact_task": "compact file, the last task alone"}
+    panels = [(axes[0], BITS_FIELDS, "mask bits per masked weight", "task masks or owner ids")]
+    if compact:
+        panels.append((axes[1], tuple(compact), "bits per parameter", "compact model file"))
+    for ax, fields, ylabel, title in panels:
+        for k, field in enumerate(fields):
+            ax.plot(range(T), bits[field], label=labels[field], **_style(k))
+        if fields is not BITS_FIELDS:
+            ax.axhline(32.0, color="gray", linestyle=":", linewidth=1, label="dense float32 (32)")
+        ax.set_xticks(range(T))
+        ax.set_ylim(bottom=0)
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=6))
+        ax.set_xlabel("after task")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, alpha=0.4)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{_run_name(m)}: bits per parameter")
+    return fig
+
+
+def _phase_colors(phases: list[str]) -> dict[str, str]:
+    known = [p for p in PHASE_ORDER if p in phases] + sorted(p for p in set(phases) if p not in PHASE_ORDER)
+    fixed = {p: f"C{k}" for k, p in enumerate(PHASE_ORDER)}
+    extra = iter(f"C{k}" for k in range(len(PHASE_ORDER), 10))
+    return {p: fixed[p] if p in fixed else next(extra, "black") for p in known}
+
+
+def history_figure(m: dict[str, Any], history: list[dict[str, Any]]) -> Figure:
+    """Loss (top) and accuracy in % (bottom) of every row of ``history`` (as :func:`read_history`
+    returns it), in run order: one point per epoch and phase, coloured by phase, a line joining
+    the consecutive epochs of one phase; dotted lines and labels separate the tasks."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    N = len(history)
+    fig = _new_figure(max(7.0, min(16.0, 0.05 * N + 6.0)), 6.0)
+    ax_loss, ax_acc = fig.subplots(2, 1, sharex=True)
+    colors = _phase_colors([r["phase"] for r in history])
+    marker = 3.5 if N <= 150 else 0.0
+    start = 0
+    for k in range(1, N + 1):  # one line per run of consecutive rows of the same task and phase
+        if k < N and (history[k]["task"], history[k]["phase"]) == (history[start]["task"], history[start]["phase"]):
+            continue
+        xs = list(range(start + 1, k + 1))
+        color = colors[history[start]["phase"]]
+        ax_loss.plot(xs, [r["loss"] for r in history[start:k]], color=color, marker="o", markersize=marker)
+        ax_acc.plot(xs, [100 * r["accuracy"] for r in history[start:k]], color=color, marker="o", markersize=marker)
+        start = k
+    bounds = [k for k in range(1, N) if history[k]["task"] != history[k - 1]["task"]]
+    for ax in (ax_loss, ax_acc):
+        for b in bounds:
+            ax.axvline(b + 0.5, color="gray", linestyle=":", linewidth=1)
+        ax.grid(True, alpha=0.3)
+    starts = [0, *bounds]
+    top = ax_loss.secondary_xaxis("top")  # task names above the plot, where the layout makes room
+    top.set_xticks([(first + last) / 2 + 0.5 for first, last in zip(starts, [*bounds, N])],
+                   [f"task {history[first]['task']}" for first in starts], fontsize=8)
+    top.tick_params(length=0)
+    ax_loss.set_ylabel("loss")
+    ax_acc.set_ylabel("accuracy (%)")
+    ax_acc.set_xlabel("epoch, all phases in run order")
+    ax_acc.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_acc.set_xlim(0.5, N + 0.5)
+    handles = [Line2D([], [], color=c, marker="o", label=p) for p, c in colors.items()]
+    fig.legend(handles=handles, title="phase", loc="outside right upper", fontsize=8)
+    fig.suptitle(f"{_run_name(m)}: training history")
     return fig
 
 
 MAX_CLASS_BARS = 40  # beyond this many classes, the per-class panel is a scatter plot
 
 
-def _routing_figure(m: dict[str, Any]) -> Figure:
+def routing_figure(m: dict[str, Any]) -> Figure:
     """Top: per task after the last task, oracle vs routed accuracy and the share routed to the
     right task. Bottom: per class, oracle vs routed accuracy (EideticNets' Table 8 as a plot):
     bars for up to ``MAX_CLASS_BARS`` classes, else routed against oracle, one point per class."""
+    import numpy as np
+
     r = m["routing"]
     R, T = m["accuracy_matrix"], len(m["accuracy_matrix"])
     classes = r.get("per_class") or []
@@ -355,7 +624,7 @@ def _routing_figure(m: dict[str, Any]) -> Figure:
         drop = r.get("mean_class_drop")
         ax.set_title(f"per class ({len(classes)})" + ("" if drop is None else f": mean drop {100 * drop:.2f} points"))
     buffer = "" if r.get("buffer_per_task") is None else f", {r['buffer_per_task']} samples kept per task"
-    fig.suptitle(f"{m['method']} on {m['benchmark']}: task-agnostic inference ({r['mode']}{buffer})")
+    fig.suptitle(f"{_run_name(m)}: task-agnostic inference ({r['mode']}{buffer})")
     return fig
 
 
@@ -413,7 +682,23 @@ def _routing_markdown(r: dict[str, Any], T: int, oracle_acc: float | None) -> li
     return out
 
 
-def _markdown(m: dict[str, Any], images: list[str]) -> str:
+def _history_markdown(history: list[dict[str, Any]]) -> list[str]:
+    """Per task and phase (in run order): epochs, the last epoch's loss and accuracy, seconds."""
+    groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    for r in history:
+        groups.setdefault((r["task"], r["phase"]), []).append(r)
+    nan_fmt = lambda x, scale, spec: "n/a" if math.isnan(x) else f"{scale * x:{spec}}"  # noqa: E731
+    rows = []
+    for (task, phase), rs in groups.items():
+        seconds = [r["seconds"] for r in rs if not math.isnan(r["seconds"])]
+        rows.append([task, phase, len(rs), nan_fmt(rs[-1]["loss"], 1, ".4f"), nan_fmt(rs[-1]["accuracy"], 100, ".2f"),
+                     f"{sum(seconds):.1f}" if seconds else "n/a"])
+    return ["", "## Training history", "",
+            f"From `{HISTORY_NAME}`: per task and phase, the epochs run and the last epoch's loss and accuracy.", "",
+            *_table(["task", "phase", "epochs", "last loss", "last accuracy (%)", "seconds"], rows)]
+
+
+def _markdown(m: dict[str, Any], images: list[str], history: list[dict[str, Any]] | None = None) -> str:
     R, cap, reuse, config = m["accuracy_matrix"], m["capacity"], m.get("reuse") or {}, m.get("config", {})
     T = len(R)
     acc = m["acc"] if "acc" in m else clmetrics.average_accuracy(R)
@@ -458,6 +743,8 @@ def _markdown(m: dict[str, Any], images: list[str]) -> str:
         out += _table(["after task", *shown], [[t, *(f"{bits[f][t]:.3f}" for f in shown)] for t in range(T)])
     if m.get("routing") is not None:
         out += _routing_markdown(m["routing"], T, acc)
+    if history:
+        out += _history_markdown(history)
     shown = [k for k in CONFIG_KEYS if k in config]
     if shown:
         out += ["", "## Configuration", ""]
