@@ -1,7 +1,12 @@
 """sparsecl: continual learning with sparse subnetworks — prune, freeze, recycle; zero forgetting
 verified bit for bit."""
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:  # one source of the version: pyproject.toml, through the installed package's metadata
+    __version__ = version("sparsecl")
+except PackageNotFoundError:  # a source tree on sys.path that was never installed
+    __version__ = "0+unknown"
 
 from .data import load_benchmark  # noqa: E402
 from .methods import CLNP, CLNPConfig, EideticConfig, EideticNets, Finetune, Joint, Method  # noqa: E402
