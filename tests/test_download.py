@@ -339,3 +339,47 @@ def test_unknown_cifar_dataset(tmp_path):
 
     with pytest.raises(ConfigError, match="CIFAR10, CIFAR100"):
         download_cifar(tmp_path, "MNIST")
+
+
+class _EndlessHandler(_QuietHandler):
+    """Sends no Content-Length and 64 MiB of zeros (a file that never ends, as far as it says)."""
+
+    sent = 0
+
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        chunk = bytes(1 << 16)
+        try:
+            for _ in range(1024):
+                self.wfile.write(chunk)
+                type(self).sent += len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        self.close_connection = True
+
+
+class _LyingLengthHandler(_QuietHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(300 << 20))
+        self.end_headers()
+        self.close_connection = True
+
+
+def test_a_download_is_never_read_past_the_official_size(serve, tmp_path):
+    assert download_module.SIZES["MNIST/t10k-labels-idx1-ubyte.gz"] == 4542
+    url = serve(tmp_path, _EndlessHandler)
+    root = tmp_path / "root"
+    with pytest.raises(DataFormatError, match=r"more than the 9912422 bytes of train-images-idx3-ubyte.gz") as info:
+        download_mnist_like(root, "MNIST", base_url=url, timeout=5)
+    assert "at least 99" in str(info.value) and url in str(info.value)
+    assert list((root / "MNIST" / "raw").iterdir()) == []  # the partial file is gone
+
+
+def test_a_content_length_over_the_official_size_is_refused_before_reading(serve, tmp_path):
+    url = serve(tmp_path, _LyingLengthHandler)
+    root = tmp_path / "root"
+    with pytest.raises(DataFormatError, match=r"a Content-Length of 314572800 bytes, more than the 9912422 bytes"):
+        download_mnist_like(root, "MNIST", base_url=url, timeout=5)
+    assert list((root / "MNIST" / "raw").iterdir()) == []

@@ -172,7 +172,6 @@ def _run(world, data_root, download, device, out, overwrite, resume, from_checkp
             out = Path(out) if out is not None else default_run_folder(spec.method, spec.stream[-1]["benchmark"])
             folder = RunFolder.open(out, resume=resume is not None, overwrite=overwrite,
                                     option="--resume" if resume is not None else "--out")
-            click.echo(f"run folder {out}: checkpoint {out / CHECKPOINT_NAME} after every task, metrics.json at the end")
         first = world is None or world.local_rank == 0  # one process per machine downloads missing files
         if not first:
             distributed.barrier(world)
@@ -195,6 +194,9 @@ def _run(world, data_root, download, device, out, overwrite, resume, from_checkp
         writer = None if not main_rank else CheckpointWriter(Path(out) / CHECKPOINT_NAME, spec, method_obj,
                                                              bench.input_shape, bench.num_tasks, device, normalize,
                                                              1 if world is None else world.size)
+        if main_rank:
+            click.echo(f"run folder {out}: checkpoint {Path(out) / CHECKPOINT_NAME} after every task, "
+                       "metrics.json at the end")
         result = Trainer(method_obj, config, world).fit(net, bench, state, writer)
         if not main_rank:
             return
