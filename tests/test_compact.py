@@ -301,7 +301,7 @@ def test_values_outside_the_codebook_and_other_networks_are_refused(tmp_path, tr
         w, own = sub.weight(net.body, 0), sub.owner(0) == 1
         k = own.flatten().nonzero()[0, 0]
         w.view(-1)[k] = torch.nextafter(w.view(-1)[k], torch.tensor(math.inf))
-    with pytest.raises(ConfigError, match=r"task 1, layer 0 \('1'\): 1 of its \d+ weights are not values"):
+    with pytest.raises(ConfigError, match=r"task 1, layer 0 \('fc1'\): 1 of its \d+ weights are not values"):
         write_compact(tmp_path / "x", net, codebooks, MLP_SPEC, (20,))
     assert not (tmp_path / "x").exists()
     net, codebooks = quantized_copy(trained_mlp)

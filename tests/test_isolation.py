@@ -125,8 +125,8 @@ def test_free_units_are_reinitialized_and_frozen_ones_kept():
     method = EideticNets()
     method.setup(net)
     _begin(net, method, 0)
-    layer = net.graph.layers["1"].module
-    method.prune(net, 0, {"1": torch.arange(8) >= 5})
+    layer = net.graph.layers["fc1"].module
+    method.prune(net, 0, {"fc1": torch.arange(8) >= 5})
     method.freeze(net, 0)
     assert not layer.weight[5:].any()
     kept = layer.weight[:5].clone()
@@ -163,7 +163,7 @@ def test_eidetic_stops_within_tolerance_and_respects_the_pruning_cap():
     capped = EideticNets(EideticConfig(score="l2", patience=3, prune_step=0.5, tolerance=0.99,
                                        max_pruned_ratio=0.25))
     Trainer(capped, TrainConfig(epochs=3, batch_size=32)).fit(mlp((20,), (24, 24), 3), bench)
-    assert capped.log[0]["pruned"] == {"1": 6, "3": 6}  # floor(0.25 * 24), never more
+    assert capped.log[0]["pruned"] == {"fc1": 6, "fc2": 6}  # floor(0.25 * 24), never more
 
 
 def test_constant_pruning_steps_take_a_fixed_share_of_the_available_units():
@@ -172,7 +172,7 @@ def test_constant_pruning_steps_take_a_fixed_share_of_the_available_units():
                                        tolerance=0.99, max_pruned_ratio=0.9))
     Trainer(method, TrainConfig(epochs=2, batch_size=32)).fit(mlp((20,), (40,), 3), bench)
     # 10 units a step while room lasts: 10, 20, 30, then the cap floor(0.9*40)=36
-    assert method.log[0]["pruned"] == {"1": 36} and method.log[0]["steps"] == 4
+    assert method.log[0]["pruned"] == {"fc1": 36} and method.log[0]["steps"] == 4
 
 
 def test_nan_scores_never_select_frozen_units():
@@ -181,9 +181,9 @@ def test_nan_scores_never_select_frozen_units():
     method = EideticNets(EideticConfig(score="l1"))
     method.setup(net)
     _begin(net, method, 0)
-    method.prune(net, 0, {"1": torch.arange(10) >= 6})
+    method.prune(net, 0, {"fc1": torch.arange(10) >= 6})
     method.freeze(net, 0)  # units 0..5 frozen
     _begin(net, method, 1)
-    method._scores = lambda session: {"1": torch.full((10,), float("nan"))}
-    chosen = method._choose(SimpleNamespace(net=net), {"1": 10})
-    assert chosen["1"].sum() == 1 and not chosen["1"][:6].any()
+    method._scores = lambda session: {"fc1": torch.full((10,), float("nan"))}
+    chosen = method._choose(SimpleNamespace(net=net), {"fc1": 10})
+    assert chosen["fc1"].sum() == 1 and not chosen["fc1"][:6].any()

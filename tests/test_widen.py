@@ -45,7 +45,7 @@ def _keep_everything(widen):
 
 
 def test_full_layer_is_an_error_naming_the_layer_and_its_usage():
-    with pytest.raises(CapacityError, match=r"layer '1' has no free units left for task 1: all 16 "
+    with pytest.raises(CapacityError, match=r"layer 'fc1' has no free units left for task 1: all 16 "
                                             r"units are owned .* \(usage 100%\).*--widen"):
         Trainer(_keep_everything(0), TrainConfig(epochs=2, batch_size=32)).fit(
             mlp((20,), (16, 16), 3), cluster_benchmark(2))
@@ -82,15 +82,15 @@ def test_clnp_widens_a_single_head_network():
 
 
 def test_units_added_by_an_earlier_growth_keep_single_sample_outputs():
-    # Layer '3' grows first (its new rows start at an odd offset of the weight's storage), then
+    # Layer 'fc2' grows first (its new rows start at an odd offset of the weight's storage), then
     # its source grows; task 1 reads the grown rows and must not move, even one sample at a time.
     torch.manual_seed(0)
     net = ContinualNetwork(mlp((20,), (15, 7), 3)).eval()
     net.add_head(3)
-    net.widen("3", 4)
+    net.widen("fc2", 4)
     net.add_head(3)
     x = torch.randn(200, 20)
     with torch.no_grad():
         before = [net(x[j:j + 1], 1) for j in range(200)]
-        net.widen("1", 4)
+        net.widen("fc1", 4)
         assert all(torch.equal(net(x[j:j + 1], 1), b) for j, b in enumerate(before))

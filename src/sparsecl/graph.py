@@ -1,18 +1,41 @@
 """The unit graph of a user's model, traced with torch.fx.
 
 A *unit* is an output neuron of an ``nn.Linear`` or an output channel of an ``nn.Conv2d``.
-Pruning and freezing act on units, so the engine must know, for every such layer, which units it
-reads. Operations that map channel *j* to channel *j* pass units through: activations, dropout,
-BatchNorm (whose channel *j* then belongs to the unit too), max/avg pooling, and ``flatten`` into
-a Linear (channel *j* becomes a block of H·W columns). A residual add couples the units of both
-branches: channel *j* of the sum is read as one unit, so the layers that feed it form a *unit
-group*, owned, pruned and frozen together. The graph is traced from the model itself
-(``nn.Sequential`` or a custom ``forward``), never wired by hand; anything the tracer cannot
-follow unit-for-unit is refused with an error naming the node.
+Pruning and freezing act on units, so the neuron-level methods (EideticNets, CLNP) must know, for
+every such layer, which units it reads. Operations that map channel *j* to channel *j* pass units
+through: activations, dropout, BatchNorm (whose channel *j* then belongs to the unit too),
+max/avg pooling, and ``flatten`` into a Linear (channel *j* becomes a block of H·W columns).
+
+Couplings: a residual add couples the units of both branches: channel *j* of the sum is read as
+one unit, so the layers that feed it form a *unit group*, owned, pruned and frozen together. A
+depthwise convolution (``groups = in_channels = out_channels``) maps channel *j* to channel *j*
+through a kernel of its own, so it joins the unit group of the layer it reads (unit *j* of both is
+one unit). ``torch.cat`` along the unit dimension gives *unit ranges*: the concatenation's units
+are its inputs' units in order. A Linear or Conv2d reading a concatenation is split into one
+layer per range (the first keeps the bias; their outputs are summed, which equals the layer on
+the concatenation), coupled as a residual add's branches, and a BatchNorm over a concatenation is
+split into one BatchNorm per range; the split layers are named ``{layer}__cat{k}`` for k >= 1.
+
+What the graph refuses, and why (the error names the node):
+
+* LayerNorm / GroupNorm / InstanceNorm: they normalize each sample over many units, so a frozen
+  unit's output would move whenever a later task trains a free unit of the same layer. Making
+  that exact needs a forward pass per task normalizing over the task's own units, which gives up
+  the single dense pass the neuron-level methods rely on (DESIGN §2.5).
+* Attention (``nn.MultiheadAttention``, ``scaled_dot_product_attention``): a head would be a unit
+  only if its query/key/value rows of the packed ``in_proj_weight`` and its columns of
+  ``out_proj`` were owned together; the unit ledger owns single rows of a Linear or Conv2d.
+* Grouped convolutions other than depthwise: an output channel reads a block of input channels
+  through block-local weight columns, which row/column freezing cannot address.
+
+The weight-level methods (PackNet, WSN, DST-CL, TinySubNets) need no unit graph and take all of
+these (``sparsecl.subnetworks``). ``trace`` refuses what the unit graph cannot follow;
+``trace_network`` still cuts the head off such a model and records the refusal in the graph.
 """
 
 from __future__ import annotations
 
+import copy
 import operator
 from dataclasses import dataclass, field, replace
 
@@ -49,8 +72,29 @@ _RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape}
 _RESHAPE_METHODS = {"flatten", "view", "reshape"}
 _ADD = {operator.add, torch.add}
 _ADD_METHODS = {"add"}
+_CAT = {torch.cat, torch.concat, torch.concatenate}
+
+# Operations refused with a reason of their own (module doc).
+_WEIGHT_LEVEL = ("Use a weight-level method (packnet, wsn, dst, tinysubnets): they mask every weight per task and "
+                 "keep every other parameter per task, so they are exact on any module")
+_SAMPLE_NORM = ("{what} normalizes each sample over many units, so every unit's output depends on the mean and "
+                "variance of all of them: a frozen unit's output would move whenever a later task trains a free "
+                "unit. An exact version would need a forward pass per task normalizing over that task's units "
+                "only, giving up the single dense pass of the neuron-level methods (eidetic, clnp), so they "
+                "refuse it. " + _WEIGHT_LEVEL + " (LayerNorm and GroupNorm affine parameters are per task)")
+_ATTENTION = ("attention heads could be units only if a head's query, key and value rows of the packed "
+              "in_proj_weight and its columns of out_proj were owned, pruned and frozen together; the "
+              "neuron-level ledger owns single rows of a Linear or Conv2d, so the neuron-level methods "
+              "(eidetic, clnp) refuse attention. " + _WEIGHT_LEVEL)
+_SAMPLE_NORM_MODULES = {nn.LayerNorm: "LayerNorm", nn.GroupNorm: "GroupNorm", nn.InstanceNorm1d: "InstanceNorm",
+                        nn.InstanceNorm2d: "InstanceNorm", nn.LocalResponseNorm: "LocalResponseNorm"}
+_SAMPLE_NORM_FUNCTIONS = {F.layer_norm: "LayerNorm", F.group_norm: "GroupNorm", F.instance_norm: "InstanceNorm"}
+_ATTENTION_MODULES = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
+                      nn.TransformerEncoder, nn.TransformerDecoder, nn.Transformer)
+_ATTENTION_FUNCTIONS = {F.scaled_dot_product_attention, F.multi_head_attention_forward}
 
 INPUT = None  # the ``source`` of a layer that reads the model input
+CAT_SUFFIX = "__cat"  # ``{layer}__cat{k}``: range k of a layer split at a concatenation
 
 
 @dataclass(frozen=True)
@@ -59,10 +103,11 @@ class UnitLayer:
     ``nn.Conv2d`` (units: ``out_channels``, its weight's dim 0).
 
     ``group`` names the unit group the layer's units belong to (its own name unless a residual
-    add couples it with other layers). ``source`` names the unit group whose units are this
-    layer's inputs, or ``None`` when it reads the model input. ``fan`` is the number of input
-    columns per source unit: 1, or H·W when a Linear reads flattened ``(C, H, W)`` feature maps
-    (channel c owns columns ``c·fan .. (c+1)·fan − 1``).
+    add or a depthwise convolution couples it with other layers). ``source`` names the unit group
+    whose units are this layer's inputs, or ``None`` when it reads no unit of another layer: the
+    model input, or (``depthwise``) only the same-index units of its own group. ``fan`` is the
+    number of input columns per source unit: 1, or H·W when a Linear reads flattened
+    ``(C, H, W)`` feature maps (channel c owns columns ``c·fan .. (c+1)·fan − 1``).
     """
 
     name: str
@@ -70,6 +115,7 @@ class UnitLayer:
     source: str | None
     group: str = ""
     fan: int = 1
+    depthwise: bool = False
 
     @property
     def num_units(self) -> int:
@@ -91,8 +137,9 @@ def units_read(weight: torch.Tensor, rows: torch.Tensor, fan: int = 1) -> torch.
 @dataclass(frozen=True)
 class UnitGroup:
     """Units owned, pruned and frozen together: the same-index output units of ``layers``
-    (coupled by residual adds; a single layer otherwise) and the channels of the BatchNorm
-    modules ``norms`` that normalize them. Its name is its first layer's name."""
+    (coupled by residual adds or depthwise convolutions; a single layer otherwise) and the
+    channels of the BatchNorm modules ``norms`` that normalize them. Its name is its first
+    layer's name."""
 
     name: str
     layers: tuple[str, ...]
@@ -104,7 +151,11 @@ class UnitGroup:
 class UnitGraph:
     """Unit layers in topological order, their unit groups, and the group the task heads read
     (``head_source``, ``None`` for a model without hidden layers; ``head_fan`` columns per unit);
-    task heads copy the shape and bias setting of the model's final Linear."""
+    task heads copy the shape and bias setting of the model's final Linear.
+
+    ``refusal``: why the model has no unit graph (``trace_network`` of a model the neuron-level
+    methods cannot follow; ``layers`` and ``groups`` are then empty), else ``None``.
+    """
 
     layers: dict[str, UnitLayer]
     head_source: str | None
@@ -113,6 +164,7 @@ class UnitGraph:
     head_bias: bool = True
     groups: dict[str, UnitGroup] = field(default_factory=dict)
     head_fan: int = 1
+    refusal: str | None = None
 
     def readers(self, group: str) -> list[str]:
         """Names of the unit layers that read group ``group``'s units (heads not included)."""
@@ -130,11 +182,14 @@ def _describe(node: fx.Node, gm: fx.GraphModule) -> str:
     return f"node '{node.name}' ({node.op} {target})"
 
 
+_SUPPORTED = ("The neuron-level methods (eidetic, clnp) trace networks of nn.Linear and nn.Conv2d layers "
+              "(depthwise included) with BatchNorm, element-wise activations, dropout, pooling, flatten into a "
+              "Linear, residual adds and concatenations along the unit dimension; the weight-level methods "
+              "(packnet, wsn, dst, tinysubnets) take any module.")
+
+
 def _unsupported(node: fx.Node, gm: fx.GraphModule, why: str) -> UnsupportedModelError:
-    return UnsupportedModelError(
-        f"{_describe(node, gm)}: {why}. sparsecl traces networks of nn.Linear and nn.Conv2d layers "
-        "with BatchNorm, element-wise activations, dropout, pooling, flatten into a Linear and "
-        "residual adds.")
+    return UnsupportedModelError(f"{_describe(node, gm)}: {why}. {_SUPPORTED}")
 
 
 def _is_shape(node: fx.Node) -> bool:
@@ -149,7 +204,7 @@ def _is_shape(node: fx.Node) -> bool:
 
 def _kind(node: fx.Node, gm: fx.GraphModule) -> str:
     """Classify a node: 'input', 'linear', 'conv', 'norm', 'elementwise', 'pool', 'reshape',
-    'add', 'shape' or 'other'."""
+    'add', 'cat', 'shape' or 'other'."""
     if node.op == "placeholder":
         return "input"
     if _is_shape(node):
@@ -177,6 +232,8 @@ def _kind(node: fx.Node, gm: fx.GraphModule) -> str:
             return "reshape"
         if node.target in _ADD:
             return "add"
+        if node.target in _CAT:
+            return "cat"
     elif node.op == "call_method":
         if node.target in _ELEMENTWISE_METHODS:
             return "elementwise"
@@ -187,20 +244,50 @@ def _kind(node: fx.Node, gm: fx.GraphModule) -> str:
     return "other"
 
 
+def _refusal(node: fx.Node, gm: fx.GraphModule) -> str:
+    """Why an 'other' node cannot be traced."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        for kind, what in _SAMPLE_NORM_MODULES.items():
+            if isinstance(module, kind):
+                return _SAMPLE_NORM.format(what=what)
+        if isinstance(module, _ATTENTION_MODULES):
+            return _ATTENTION
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return f"{type(module).__name__} is not supported (BatchNorm1d and BatchNorm2d are)"
+    if node.op == "call_function":
+        if node.target in _SAMPLE_NORM_FUNCTIONS:
+            return _SAMPLE_NORM.format(what=_SAMPLE_NORM_FUNCTIONS[node.target])
+        if node.target in _ATTENTION_FUNCTIONS:
+            return _ATTENTION
+        if node.target in _FUNCTIONAL_DROPOUT:
+            return ("use nn.Dropout instead: torch.fx freezes the functional form's training flag, so it "
+                    "would drop out in eval mode too")
+    if node.op == "get_attr":
+        return ("the model uses a parameter or buffer directly in forward (a class token or a position "
+                "embedding, say), which belongs to no unit")
+    return "this operation is not supported"
+
+
 def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
     """Inputs of ``node`` that carry units (sizes read off a tensor do not)."""
     return [a for a in node.all_input_nodes if not _is_shape(a)]
+
+
+Part = tuple  # (source layer name or INPUT, number of units or None when unknown)
 
 
 @dataclass(frozen=True)
 class _Carry:
     """What a node's output holds: the units of layer ``source`` (a representative of its group;
     ``None``: the model input), as channels of feature maps (``spatial``) or as features, and
-    whether it was reshaped since."""
+    whether it was reshaped since. ``parts``: a concatenation along the unit dimension, its
+    ``(source, units)`` ranges in order (``source`` is then unused)."""
 
     source: str | None
     spatial: bool = False
     flat: bool = False
+    parts: tuple[Part, ...] | None = None
 
 
 class _Groups:
@@ -224,11 +311,19 @@ class _Groups:
         return ra
 
 
+def _is_depthwise(module: nn.Conv2d) -> bool:
+    return module.groups > 1 and module.groups == module.in_channels == module.out_channels
+
+
 def _check_module(node: fx.Node, gm: fx.GraphModule, kind: str) -> None:
     module = gm.get_submodule(node.target)
-    if kind == "conv" and module.groups != 1:
-        raise _unsupported(node, gm, f"grouped convolution (groups={module.groups}) mixes no "
-                           "channels across groups, so its units cannot be matched to inputs")
+    if kind == "conv" and module.groups != 1 and not _is_depthwise(module):
+        raise _unsupported(node, gm, f"grouped convolution (groups={module.groups}, {module.in_channels} input and "
+                           f"{module.out_channels} output channels): each output channel reads a block of "
+                           f"{module.in_channels // module.groups} input channels through block-local weight "
+                           "columns, which freezing whole rows and zeroing the columns of units a unit must not "
+                           "read cannot express; depthwise convolutions (groups = in_channels = out_channels) are "
+                           "traced as coupled units. " + _WEIGHT_LEVEL)
     if kind == "norm" and not (module.affine and module.track_running_stats):
         raise _unsupported(node, gm, "BatchNorm needs affine=True and track_running_stats=True: a "
                            "pruned channel is silenced through its affine parameters, and each "
@@ -239,31 +334,121 @@ def _check_module(node: fx.Node, gm: fx.GraphModule, kind: str) -> None:
                            "would barely learn its statistics; give it a momentum")
 
 
+def _units(gm: fx.GraphModule, source: str | None) -> int | None:
+    return None if source is INPUT else gm.get_submodule(source).weight.shape[0]
+
+
+def _parts(c: _Carry, gm: fx.GraphModule) -> tuple[Part, ...]:
+    return c.parts if c.parts is not None else ((c.source, _units(gm, c.source)),)
+
+
+def _cat_carry(node: fx.Node, gm: fx.GraphModule, carry: dict) -> _Carry:
+    """The carry of ``torch.cat(tensors, dim)``: unit ranges when ``dim`` is the unit dimension."""
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    if not isinstance(tensors, (list, tuple)) or not all(isinstance(t, fx.Node) for t in tensors):
+        raise _unsupported(node, gm, "it concatenates something other than a list of tensors")
+    carries = [carry[t] for t in tensors]
+    spatial = carries[0].spatial
+    if any(c.flat for c in carries) or any(c.spatial != spatial for c in carries):
+        raise _unsupported(node, gm, "it concatenates reshaped units, or feature maps with features")
+    if dim != 1 and not (dim == -1 and not spatial):
+        raise _unsupported(node, gm, f"it concatenates along dim={dim}; only the unit dimension (dim=1: "
+                           "channels of feature maps or features) keeps units apart")
+    parts = tuple(p for c in carries for p in _parts(c, gm))
+    if all(source is INPUT for source, _ in parts):
+        return _Carry(INPUT)
+    return _Carry(None, spatial, False, parts)
+
+
+def _resolve(node: fx.Node, gm: fx.GraphModule, parts: tuple[Part, ...], width: int, what: str) -> list[int]:
+    """Units per range of a concatenation read through ``width`` channels/features; one range of
+    the model input may be of unknown width (the rest of ``width``)."""
+    unknown = [i for i, (_, n) in enumerate(parts) if n is None]
+    known = sum(n for _, n in parts if n is not None)
+    if len(unknown) > 1:
+        raise _unsupported(node, gm, "it reads a concatenation holding the model input more than once")
+    counts = [n for _, n in parts]
+    if unknown:
+        counts[unknown[0]] = width - known
+    if any(n is None or n < 1 for n in counts) or sum(counts) != width:
+        raise _unsupported(node, gm, f"it reads {width} {what} from a concatenation of "
+                           f"{' + '.join('?' if n is None else str(n) for _, n in parts)} units")
+    return counts
+
+
+def _part_layer(module: nn.Module, start: int, width: int, bias: bool) -> nn.Module:
+    """Columns ``start .. start + width − 1`` of a Linear/Conv2d as a layer of their own."""
+    with torch.no_grad():
+        w = module.weight
+        if isinstance(module, nn.Conv2d):
+            part = nn.Conv2d(width, module.out_channels, module.kernel_size, module.stride, module.padding,
+                             module.dilation, bias=bias, padding_mode=module.padding_mode,
+                             device=w.device, dtype=w.dtype)
+        else:
+            part = nn.Linear(width, module.out_features, bias=bias, device=w.device, dtype=w.dtype)
+        part.weight.copy_(w[:, start:start + width])
+        if bias:
+            part.bias.copy_(module.bias)
+    return part.train(module.training)
+
+
+def _part_norm(bn: nn.Module, start: int, width: int) -> nn.Module:
+    """Channels ``start .. start + width − 1`` of a BatchNorm as a BatchNorm of their own."""
+    part = type(bn)(width, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                    track_running_stats=bn.track_running_stats, device=bn.running_mean.device,
+                    dtype=bn.running_mean.dtype)
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(part, name).copy_(getattr(bn, name)[start:start + width])
+        part.num_batches_tracked.copy_(bn.num_batches_tracked)
+    return part.train(bn.training)
+
+
+def _split(gm: fx.GraphModule, node: fx.Node, counts: list[int], fan: int, make) -> list[tuple[str, fx.Node]]:
+    """Replace module node ``node`` reading a concatenation by one module per range: range k
+    (``counts[k]·fan`` channels/features) is ``torch.narrow``-ed out of the input and fed to
+    ``make(module, start, width, k)`` registered as ``{target}`` (k = 0) or ``{target}__cat{k}``.
+    Returns ``[(name, node)]`` of the new module calls (inserted before ``node``, which stays)."""
+    target = str(node.target)
+    module = gm.get_submodule(target)
+    (x,) = _tensor_inputs(node)
+    out, start = [], 0
+    with gm.graph.inserting_before(node):
+        for k, n in enumerate(counts):
+            width = n * fan
+            name = target if k == 0 else f"{target}{CAT_SUFFIX}{k}"
+            gm.add_submodule(name, make(module, start, width, k))
+            piece = gm.graph.call_function(torch.narrow, (x, 1, start, width))
+            out.append((name, gm.graph.call_module(name, (piece,))))
+            start += width
+    return out
+
+
 def _walk(gm: fx.GraphModule, head_node: fx.Node):
-    """Follow units through the graph in topological order. Returns ``(layers, norms, groups,
-    head_carry)``: per unit layer its input carry, per BatchNorm the layer whose units it
-    normalizes, the coupling union-find, and what the head reads."""
+    """Follow units through the graph in topological order, splitting layers and BatchNorms that
+    read a concatenation (the graph is changed in place). Returns ``(layers, norms, groups,
+    head_carry)``: per unit layer its input carry and whether it is depthwise, per BatchNorm the
+    layer whose units it normalizes, the coupling union-find, and what the head reads."""
     carry: dict[fx.Node, _Carry] = {}
-    layers: dict[str, tuple[fx.Node, _Carry]] = {}
+    layers: dict[str, tuple[_Carry, bool]] = {}
     norms: dict[str, str] = {}
     groups = _Groups()
     called: set[str] = set()
     head_carry = None
-    for node in gm.graph.nodes:
+    for node in list(gm.graph.nodes):
         if node.op == "output":
             continue
         kind = _kind(node, gm)
-        if kind == "other" and node.op == "call_function" and node.target in _FUNCTIONAL_DROPOUT:
-            raise _unsupported(node, gm, "use nn.Dropout instead: torch.fx freezes the functional "
-                               "form's training flag, so it would drop out in eval mode too")
         if kind == "other":
-            if node.op == "get_attr":
-                raise _unsupported(node, gm, "the model uses a parameter or buffer directly in forward")
-            raise _unsupported(node, gm, "this operation is not supported")
+            raise _unsupported(node, gm, _refusal(node, gm))
         if kind == "input":
             carry[node] = _Carry(INPUT)
             continue
         if kind == "shape":
+            continue
+        if kind == "cat":
+            carry[node] = _cat_carry(node, gm, carry)
             continue
         inputs = _tensor_inputs(node)
         if node.op == "call_module":
@@ -275,13 +460,15 @@ def _walk(gm: fx.GraphModule, head_node: fx.Node):
                 raise _unsupported(node, gm, "an add of a constant shifts pruned units away from zero; "
                                    "only the residual add of two tensors is supported")
             a, b = carry[inputs[0]], carry[inputs[1]]
+            if a.parts is not None or b.parts is not None:
+                raise _unsupported(node, gm, "it adds a concatenation, whose units belong to different layers")
             if a.source is INPUT or b.source is INPUT:
                 raise _unsupported(node, gm, "a residual add with the model input couples units to "
                                    "input pixels, which no task owns")
             if a.flat or b.flat or a.spatial != b.spatial:
                 raise _unsupported(node, gm, "it adds tensors of different layouts (feature maps and "
                                    "features, or reshaped ones)")
-            if gm.get_submodule(a.source).weight.shape[0] != gm.get_submodule(b.source).weight.shape[0]:
+            if _units(gm, a.source) != _units(gm, b.source):
                 raise _unsupported(node, gm, f"it adds the units of '{a.source}' and '{b.source}', "
                                    "which differ in number")
             carry[node] = _Carry(groups.union(a.source, b.source), a.spatial)
@@ -291,28 +478,50 @@ def _walk(gm: fx.GraphModule, head_node: fx.Node):
         c = carry[inputs[0]]
         if kind in ("linear", "conv"):
             _check_module(node, gm, kind)
-            if c.source is not INPUT:
+            if c.source is not INPUT or c.parts is not None:
                 if kind == "conv" and (c.flat or not c.spatial):
                     raise _unsupported(node, gm, "a Conv2d must read feature maps of a Conv2d (or the "
                                        "input), not features")
                 if kind == "linear" and c.spatial and not c.flat:
                     raise _unsupported(node, gm, "a Linear reads feature maps without flattening them")
                 if kind == "linear" and not c.spatial and c.flat:
-                    raise _unsupported(inputs[0], gm, f"it reshapes the units of Linear '{c.source}' before "
-                                       "another Linear reads them, so units cannot be matched to input columns")
+                    what = f"Linear '{c.source}'" if c.parts is None else "a concatenation"
+                    raise _unsupported(inputs[0], gm, f"it reshapes the units of {what} before another Linear "
+                                       "reads them, so units cannot be matched to input columns")
             if node is head_node:
+                if c.parts is not None:
+                    raise _unsupported(node, gm, "the head reads a concatenation of several layers' units, but a "
+                                       "task head reads one unit group; put a Linear or Conv2d after the "
+                                       "concatenation")
                 head_carry = c
                 continue
-            layers[str(node.target)] = (node, c)
-            groups.add(str(node.target))
-            carry[node] = _Carry(str(node.target), spatial=kind == "conv")
+            module = gm.get_submodule(node.target)
+            if c.parts is not None:
+                if kind == "conv" and module.groups != 1:
+                    raise _unsupported(node, gm, "a depthwise convolution of a concatenation is not supported")
+                _split_reader(gm, node, c, kind, carry, layers, groups)
+                continue
+            name = str(node.target)
+            groups.add(name)
+            if kind == "conv" and module.groups != 1 and c.source is not INPUT:
+                if _units(gm, c.source) != module.in_channels:
+                    raise _unsupported(node, gm, f"it has in_channels={module.in_channels} but reads "
+                                       f"{_units(gm, c.source)} channels of '{c.source}'")
+                groups.union(c.source, name)  # depthwise: unit j reads only unit j of its source
+                layers[name] = (_Carry(INPUT, spatial=True), True)
+            else:
+                layers[name] = (c, False)
+            carry[node] = _Carry(name, spatial=kind == "conv")
         elif kind == "norm":
             _check_module(node, gm, kind)
-            if c.source is INPUT:
+            if c.source is INPUT and c.parts is None:
                 raise _unsupported(node, gm, "BatchNorm of the model input would be shared by every "
                                    "task (its statistics would move); normalize the data instead")
             if c.flat:
                 raise _unsupported(node, gm, "BatchNorm of reshaped units is not supported")
+            if c.parts is not None:
+                _split_norm(gm, node, c, carry, norms)
+                continue
             norms[str(node.target)] = c.source
             carry[node] = c
         elif kind == "reshape":
@@ -320,14 +529,61 @@ def _walk(gm: fx.GraphModule, head_node: fx.Node):
                 raise _unsupported(node, gm, "feature maps may only be flattened whole, to (N, C·H·W) "
                                    "(nn.Flatten(), x.flatten(1) or x.view(x.size(0), -1)): another "
                                    "reshape would mix channels")
-            carry[node] = replace(c, flat=c.source is not INPUT)
+            carry[node] = replace(c, flat=c.source is not INPUT or c.parts is not None)
         elif kind == "pool":
-            if c.source is not INPUT and (c.flat or not c.spatial):
+            if (c.source is not INPUT or c.parts is not None) and (c.flat or not c.spatial):
                 raise _unsupported(node, gm, "pooling of reshaped units or of features mixes units")
             carry[node] = c
         else:  # elementwise
             carry[node] = c
     return layers, norms, groups, head_carry
+
+
+def _split_reader(gm, node, c: _Carry, kind: str, carry, layers, groups) -> None:
+    """A Linear/Conv2d reading a concatenation: one layer per unit range, outputs summed (the
+    first range keeps the bias), the ranges' layers coupled like a residual add's branches."""
+    module = gm.get_submodule(node.target)
+    width = module.in_channels if kind == "conv" else module.in_features
+    if kind == "linear" and c.spatial:  # flattened feature maps: the same H·W block per channel
+        if any(n is None for _, n in c.parts):
+            raise _unsupported(node, gm, "a Linear reading flattened maps concatenated with the model input "
+                               "cannot tell how many of its features are the input's")
+        channels = sum(n for _, n in c.parts)
+        if width % channels:
+            raise _unsupported(node, gm, f"it reads {width} flattened features from {channels} concatenated "
+                               "channels, which is not a whole number of features per channel")
+        fan, counts = width // channels, [n for _, n in c.parts]
+    else:
+        fan, counts = 1, _resolve(node, gm, c.parts, width, "channels" if kind == "conv" else "features")
+    pieces = _split(gm, node, counts, fan, lambda m, start, w, k: _part_layer(m, start, w, bias=k == 0 and m.bias is not None))
+    total = None
+    with gm.graph.inserting_before(node):
+        for (name, piece), (source, _) in zip(pieces, c.parts):
+            groups.add(name)
+            layers[name] = (_Carry(source, spatial=c.spatial, flat=c.flat), False)
+            total = piece if total is None else gm.graph.call_function(operator.add, (total, piece))
+    for name, _ in pieces[1:]:
+        groups.union(pieces[0][0], name)
+    node.replace_all_uses_with(total)
+    gm.graph.erase_node(node)
+    carry[total] = _Carry(pieces[0][0], spatial=kind == "conv")
+
+
+def _split_norm(gm, node, c: _Carry, carry, norms) -> None:
+    """A BatchNorm over a concatenation: one BatchNorm per unit range, concatenated again."""
+    if any(source is INPUT for source, _ in c.parts):
+        raise _unsupported(node, gm, "BatchNorm of a concatenation holding the model input would normalize "
+                           "input channels shared by every task; normalize the data instead")
+    bn = gm.get_submodule(node.target)
+    counts = _resolve(node, gm, c.parts, bn.num_features, "channels")
+    pieces = _split(gm, node, counts, 1, lambda m, start, w, k: _part_norm(m, start, w))
+    with gm.graph.inserting_before(node):
+        joined = gm.graph.call_function(torch.cat, ([p for _, p in pieces], 1))
+    for (name, _), (source, _) in zip(pieces, c.parts):
+        norms[name] = source
+    node.replace_all_uses_with(joined)
+    gm.graph.erase_node(node)
+    carry[joined] = c
 
 
 def _is_full_flatten(node: fx.Node, gm: fx.GraphModule) -> bool:
@@ -359,27 +615,18 @@ def _fan(name: str, c: _Carry, in_features: int, units: int) -> int:
     return 1
 
 
-def trace(model: nn.Module) -> tuple[fx.GraphModule, UnitGraph, nn.Linear]:
-    """Trace ``model`` and return ``(body, graph, head)``.
-
-    ``body`` is a ``torch.fx.GraphModule`` equal to ``model`` without its final ``nn.Linear``
-    (the head prototype): it maps an input batch to the features the task heads read, shape
-    ``(N, head_in_features)``. Its BatchNorm modules are replaced by task-exact ones
-    (``norm.TaskBatchNorm*d``, same parameters and state-dict keys). ``graph`` lists the unit
-    layers and unit groups of ``body``; ``head`` is the final Linear that was cut off (the
-    prototype of every task head).
+def _symbolic(model: nn.Module) -> tuple[fx.GraphModule, fx.Node, nn.Linear]:
+    """``(gm, head_node, head)``: ``model`` traced by torch.fx and its final Linear.
 
     Raises:
-        UnsupportedModelError: tracing fails, the model does not end with an ``nn.Linear``, a
-            module is called twice, a node between layers does not keep channels apart, or a
-            layer's input width does not match the units it reads (the message names the node).
+        UnsupportedModelError: tracing fails, or the model does not end with an ``nn.Linear``
+            whose output is used nowhere else.
     """
     try:
         gm = fx.symbolic_trace(model)
     except Exception as exc:  # fx raises many types; name the model and the reason
         raise UnsupportedModelError(
             f"torch.fx could not trace {type(model).__name__}: {exc}") from exc
-
     outputs = [n for n in gm.graph.nodes if n.op == "output"]
     head_node = outputs[0].args[0]
     if not isinstance(head_node, fx.Node) or _kind(head_node, gm) != "linear":
@@ -387,25 +634,50 @@ def trace(model: nn.Module) -> tuple[fx.GraphModule, UnitGraph, nn.Linear]:
         raise UnsupportedModelError(
             f"{type(model).__name__} must return the output of a final nn.Linear (the head "
             f"prototype, replaced by one head per task); its output is {what}")
-    head_module: nn.Linear = gm.get_submodule(head_node.target)
     if len(head_node.users) != 1:
-        raise _unsupported(head_node, gm, "the final Linear's output is used inside the model")
+        raise UnsupportedModelError(f"{_describe(head_node, gm)}: the final Linear's output is used inside the model")
+    return gm, head_node, gm.get_submodule(head_node.target)
 
-    walked, norms, groups, head_carry = _walk(gm, head_node)
 
-    # Cut the head off: the body returns what the head read.
+def _cut_head(gm: fx.GraphModule, head_node: fx.Node, norms) -> set[str]:
+    """Make ``gm`` return what the head reads; drop what no longer reaches the output; replace
+    the BatchNorms named in ``norms`` (``None``: every BatchNorm1d/2d) by task-exact ones
+    (``norm.TaskBatchNorm*d``). Returns the names of the modules still called."""
     (head_input,) = _tensor_inputs(head_node)
-    outputs[0].args = (head_input,)
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    output.args = (head_input,)
     gm.graph.erase_node(head_node)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
-    # A layer whose output never reaches the head was just removed: it holds no capacity.
-    live = {n.target for n in gm.graph.nodes if n.op == "call_module"}
-    for name in live & set(norms):
+    live = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    for name in live if norms is None else live & set(norms):
         bn = gm.get_submodule(name)
         if type(bn) in TASK_NORMS:
             gm.set_submodule(name, TASK_NORMS[type(bn)].replacing(bn))
     gm.recompile()
+    return live
+
+
+def trace(model: nn.Module) -> tuple[fx.GraphModule, UnitGraph, nn.Linear]:
+    """Trace ``model`` and return ``(body, graph, head)``.
+
+    ``body`` is a ``torch.fx.GraphModule`` equal to ``model`` without its final ``nn.Linear``
+    (the head prototype): it maps an input batch to the features the task heads read, shape
+    ``(N, head_in_features)``. Its BatchNorm modules are replaced by task-exact ones
+    (``norm.TaskBatchNorm*d``, same parameters and state-dict keys); layers and BatchNorms that
+    read a concatenation are split per unit range (module doc). ``graph`` lists the unit layers
+    and unit groups of ``body``; ``head`` is the final Linear that was cut off (the prototype of
+    every task head).
+
+    Raises:
+        UnsupportedModelError: tracing fails, the model does not end with an ``nn.Linear``, a
+            module is called twice, a node between layers does not keep channels apart (LayerNorm,
+            attention, a grouped convolution: the message says why), or a layer's input width
+            does not match the units it reads (the message names the node).
+    """
+    gm, head_node, head_module = _symbolic(model)
+    walked, norms, groups, head_carry = _walk(gm, head_node)
+    live = _cut_head(gm, head_node, norms)
 
     members: dict[str, list[str]] = {}
     for name in walked:
@@ -423,7 +695,7 @@ def trace(model: nn.Module) -> tuple[fx.GraphModule, UnitGraph, nn.Linear]:
             gm.get_submodule(names[0]).weight.shape[0])
         for rep, names in members.items()}
     layers: dict[str, UnitLayer] = {}
-    for name, (_, c) in walked.items():
+    for name, (c, depthwise) in walked.items():
         if name not in live:
             continue
         module = gm.get_submodule(name)
@@ -437,7 +709,7 @@ def trace(model: nn.Module) -> tuple[fx.GraphModule, UnitGraph, nn.Linear]:
                                                 f"but reads {units} channels of unit group '{source}'")
             else:
                 fan = _fan(name, c, module.in_features, units)
-        layers[name] = UnitLayer(name, module, source, group_of(name), fan)
+        layers[name] = UnitLayer(name, module, source, group_of(name), fan, depthwise)
     head_source = group_of(head_carry.source) if head_carry is not None else None
     head_fan = 1
     if head_source is not None:
@@ -445,3 +717,24 @@ def trace(model: nn.Module) -> tuple[fx.GraphModule, UnitGraph, nn.Linear]:
     graph = UnitGraph(layers, head_source, head_module.in_features, head_module.out_features,
                       head_module.bias is not None, unit_groups, head_fan)
     return gm, graph, head_module
+
+
+def trace_network(model: nn.Module) -> tuple[fx.GraphModule, UnitGraph, nn.Linear]:
+    """``trace(model)`` for any module: when the unit graph cannot follow the model (LayerNorm,
+    attention, a grouped convolution, ...), the body is still ``model`` without its final
+    Linear (every BatchNorm1d/2d task-exact) and the graph has no unit layers, with the reason in
+    ``graph.refusal``. ``model`` is not changed (the trace works on copies).
+
+    Raises:
+        UnsupportedModelError: torch.fx cannot trace the model, or it does not end with an
+            ``nn.Linear`` whose output is used nowhere else.
+    """
+    _symbolic(model)  # the errors that no method can work around
+    try:
+        return trace(copy.deepcopy(model))
+    except UnsupportedModelError as exc:
+        refusal = str(exc)
+    gm, head_node, head = _symbolic(copy.deepcopy(model))
+    _cut_head(gm, head_node, None)
+    graph = UnitGraph({}, None, head.in_features, head.out_features, head.bias is not None, refusal=refusal)
+    return gm, graph, head

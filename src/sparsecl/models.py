@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections import OrderedDict
 from typing import Callable, Sequence
 
 import torch
@@ -31,19 +32,21 @@ def mlp(input_shape: Sequence[int], hidden: Sequence[int] = (2000, 2000), num_cl
 
     The Permuted-MNIST network of CLNP and EideticNets is ``mlp((1, 28, 28), (2000, 2000), 10)``
     (EideticNets uses dropout 0.1). The final Linear is the head prototype that
-    ``ContinualNetwork`` replaces by one head per task.
+    ``ContinualNetwork`` replaces by one head per task. Layers are named ``flatten``, then
+    ``fc1``, ``relu1``, ``drop1``, ``fc2``, … per hidden layer, and ``head``, so that reports name
+    the hidden layers ``fc1``, ``fc2``, …
     """
     if not 0 <= dropout < 1:
         raise ConfigError(f"--dropout must be in [0, 1), got {dropout}")
-    layers: list[nn.Module] = [nn.Flatten()]
+    layers: dict[str, nn.Module] = {"flatten": nn.Flatten()}
     width = math.prod(input_shape)
-    for h in hidden:
-        layers += [nn.Linear(width, h), nn.ReLU()]
+    for i, h in enumerate(hidden, start=1):
+        layers[f"fc{i}"], layers[f"relu{i}"] = nn.Linear(width, h), nn.ReLU()
         if dropout > 0:
-            layers.append(nn.Dropout(dropout))
+            layers[f"drop{i}"] = nn.Dropout(dropout)
         width = h
-    layers.append(nn.Linear(width, num_classes))
-    return nn.Sequential(*layers)
+    layers["head"] = nn.Linear(width, num_classes)
+    return nn.Sequential(OrderedDict(layers))
 
 
 # --- option checks -------------------------------------------------------------------------------

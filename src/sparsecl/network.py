@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .errors import ConfigError
-from .graph import UnitGraph, trace
-from .subnetworks import TaskSubnetworks
+from .errors import ConfigError, UnsupportedModelError
+from .graph import UnitGraph, trace_network
+from .subnetworks import TaskSubnetworks, per_task_names
 from .widen import WidenedLinear, block_linear
 
 
@@ -57,12 +57,25 @@ class ContinualNetwork(nn.Module):
 
     The forward pass is the plain dense body (DESIGN §2.5); the only mask is the single head's.
     Weight-level methods install ``subnetworks`` (``install_subnetworks``): then each task's
-    features come from its own subnetwork of the body (``sparsecl.subnetworks``).
+    features come from its own subnetwork of the body (``sparsecl.subnetworks``), which works for
+    any module. Neuron-level methods need the unit graph (``graph``, ``sparsecl.graph``); for a
+    model it cannot follow (LayerNorm, attention, ...), ``graph`` has no unit layers and
+    ``graph.refusal`` says why, and ``require_unit_graph`` raises it.
+
+    Raises:
+        UnsupportedModelError: torch.fx cannot trace the model, or it does not end with an
+            ``nn.Linear``.
+        ConfigError: a ``sparsecl_per_task`` attribute names no parameter (``subnetworks``).
     """
 
     def __init__(self, model: nn.Module, single_head: bool = False):
         super().__init__()
-        self.body, self.graph, prototype = trace(copy.deepcopy(model))
+        self.per_task = per_task_names(model)
+        # nn.Sequential children named by the user (the built-in MLP's fc1, fc2, ...) were
+        # numbered before: checkpoints of that time name them by index (see _legacy_keys)
+        children = [n for n, _ in model.named_children()] if isinstance(model, nn.Sequential) else []
+        self._legacy = {str(i): n for i, n in enumerate(children) if n != str(i)}
+        self.body, self.graph, prototype = trace_network(copy.deepcopy(model))
         self.single_head = single_head
         self.heads = nn.ModuleList()
         self.head_classes: list[int] = []  # number of classes of each task's head
@@ -73,6 +86,7 @@ class ContinualNetwork(nn.Module):
             fresh = self.fresh_head(self.graph.head_out_features)
             self.head_weight = nn.Parameter(fresh.weight.detach())
             self.head_col_ends = [self.head_features]  # column blocks, see widen()
+        self.register_load_state_dict_pre_hook(self._legacy_keys)
 
     @property
     def num_tasks(self) -> int:
@@ -93,8 +107,34 @@ class ContinualNetwork(nn.Module):
             raise ConfigError("weight-level methods use one head per task; drop --single-head")
         if self.num_tasks:
             raise ConfigError("weight-level subnetworks must be installed before the first task")
-        self.subnetworks = TaskSubnetworks(self.body, self.graph, mode)
+        self.subnetworks = TaskSubnetworks(self.body, mode, self._norm_order(), self.per_task)
         return self.subnetworks
+
+    def _norm_order(self) -> list[str]:
+        return [n for g in self.graph.groups.values() for n in g.norms]
+
+    def require_unit_graph(self, method: str) -> UnitGraph:
+        """The unit graph, for a neuron-level method named ``method``.
+
+        Raises:
+            UnsupportedModelError: the model has none (the message says why, and that the
+                weight-level methods take the model).
+        """
+        if self.graph.refusal is not None:
+            raise UnsupportedModelError(f"--method {method} prunes and freezes units (neurons, channels) and needs "
+                                        f"the model's unit graph, which sparsecl cannot trace: {self.graph.refusal}")
+        return self.graph
+
+    def _legacy_keys(self, module, state_dict, prefix, *_) -> None:
+        """Load-state-dict pre-hook: ``body.{i}.…`` keys of a checkpoint written when the built-in
+        MLP's layers were numbered are read as ``body.{name}.…``."""
+        if not self._legacy:
+            return
+        head = prefix + "body."
+        for key in [k for k in state_dict if k.startswith(head)]:
+            index, _, rest = key[len(head):].partition(".")
+            if index in self._legacy:
+                state_dict[f"{head}{self._legacy[index]}.{rest}"] = state_dict.pop(key)
 
     @property
     def head_features(self) -> int:
@@ -157,7 +197,8 @@ class ContinualNetwork(nn.Module):
         """
         net = cls(model, single_head=bool(structure["single_head"]))
         layers = dict(net.graph.layers)
-        for name, blocks in structure["layers"].items():
+        saved_layers = {net._legacy.get(name, name): blocks for name, blocks in structure["layers"].items()}
+        for name, blocks in saved_layers.items():
             if name not in layers:
                 raise ConfigError(f"the saved network has a unit layer '{name}' that the model lacks "
                                   f"(its unit layers: {', '.join(layers) or 'none'})")
@@ -165,11 +206,13 @@ class ContinualNetwork(nn.Module):
                 module = _blocked(layers[name].module, blocks)
                 net.body.set_submodule(name, module)
                 layers[name] = replace(layers[name], module=module)
-        if structure.get("subnetworks") is not None:
-            net.install_subnetworks(structure["subnetworks"]["mode"])
-        if set(layers) != set(structure["layers"]):
+        saved_sub = structure.get("subnetworks")
+        if saved_sub is not None:  # owner ids were int8 before the dtype was recorded
+            dtype = getattr(torch, saved_sub.get("owner_dtype", "int8"))
+            net.subnetworks = TaskSubnetworks(net.body, saved_sub["mode"], net._norm_order(), net.per_task, dtype)
+        if set(layers) != set(saved_layers):
             raise ConfigError(f"the model's unit layers {sorted(layers)} differ from the saved "
-                              f"network's {sorted(structure['layers'])}")
+                              f"network's {sorted(saved_layers)}")
         net.graph = _with_layers(net.graph, layers, int(structure["head_in_features"]))
         if net.single_head:
             net.head_col_ends = list(structure["head_col_ends"])

@@ -113,9 +113,10 @@ class DST(WeightIsolation):
         self.active, self.fired = [], []
         for i, name in enumerate(sub.layers):
             w, free = self.weight(net, i), self.free(net, i)
-            fresh = torch.empty_like(w)
-            nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))  # the default init of Linear/Conv2d
-            w.copy_(torch.where(free, fresh, w))
+            if t > 0:  # task 0 starts from the network's own (or pretrained) weights
+                fresh = torch.empty_like(w)
+                nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))  # the default init of Linear/Conv2d
+                w.copy_(torch.where(free, fresh, w))
             active = _random_subset(candidates[i], budget[name])
             w.masked_fill_(free & ~active, 0.0)  # inactive free weights are zeros
             self.active.append(active)

@@ -1,13 +1,14 @@
 """Weight-level isolation: the part shared by PackNet, WSN and DST-CL.
 
-Rules, for every masked layer (the body's Linear/Conv2d weights, ``sparsecl.subnetworks``), while
-task t trains:
+Rules, for every masked parameter (every trainable weight of the body with at least 2 dimensions:
+Linear, convolution, attention projection, embedding and custom weights; ``sparsecl.subnetworks``),
+while task t trains:
 
 * weights owned by earlier tasks are frozen: the freezer writes their values back after every
   optimizer step (gradient masking alone would let weight decay and momentum move them);
 * free weights train where the method's effective weight lets a gradient through;
-* task t's biases, BatchNorm parameters and statistics and head are its own (earlier tasks'
-  are not handed to the optimizer and never run in train mode again).
+* task t's biases, normalization parameters and statistics, other per-task tensors and head are
+  its own (earlier tasks' are not handed to the optimizer and never run in train mode again).
 
 When t ends the method names the weights t uses; the free ones among them become t's. Task i
 evaluates with ``where(mask_i, weight, 0)``: every weight it reads is frozen, so its logits
@@ -26,6 +27,7 @@ from ..errors import CheckpointError
 from ..freeze import Freezer
 from ..ledger import FREE
 from ..storage import mask_storage_bits
+from ..subnetworks import MAX_TASKS
 from .base import Method
 
 
@@ -36,6 +38,8 @@ class WeightIsolation(Method):
 
     isolates = True
     features_per_task = True
+    #: owner ids are int16 (``sparsecl.subnetworks``): the longest task stream one model holds
+    max_tasks: ClassVar[int | None] = MAX_TASKS
     #: "owner": task t uses the weights of tasks <= t (PackNet); "masks": a stored mask per task
     mode: ClassVar[str] = "owner"
 
@@ -54,7 +58,7 @@ class WeightIsolation(Method):
         sub = net.subnetworks
         with torch.no_grad():  # the method's own parameters follow the network (restored on the CPU, moved later)
             for p in self.own_parameters():
-                p.data = p.data.to(self.weight(net, 0).device)
+                p.data = p.data.to(net._head_like.device)
         self.freezer.clear()
         for i in range(len(sub.layers)):
             self.freezer.fix_entries(self.weight(net, i), sub.owner(i) != FREE)
