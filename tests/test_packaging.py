@@ -36,3 +36,23 @@ def test_license_and_typing_marker_are_shipped():
     assert "py.typed" in project["tool"]["setuptools"]["package-data"]["sparsecl"]
     assert (Path(sparsecl.__file__).parent / "py.typed").is_file()
     assert "Typing :: Typed" in project["project"]["classifiers"]
+
+
+def test_package_names_load_on_first_use():
+    """``import sparsecl`` imports neither torch nor any method; every public name still resolves,
+    to the object its submodule defines."""
+    import subprocess
+    import sys
+
+    code = ("import sys, sparsecl; print('torch' in sys.modules, 'sparsecl.trainer' in sys.modules); "
+            "from sparsecl import Trainer; import sparsecl.trainer as t; print(Trainer is t.Trainer); "
+            "print([n for n in sparsecl.__all__ if not hasattr(sparsecl, n)])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[:3] == ["False False", "True", "[]"]
+    assert "Trainer" in dir(sparsecl)
+    try:
+        sparsecl.no_such_name
+    except AttributeError as exc:
+        assert "no_such_name" in str(exc)
+    else:
+        raise AssertionError("an unknown name must raise AttributeError")
