@@ -21,6 +21,7 @@ from sparsecl.export import task_model
 from sparsecl.methods import CLNP, CLNPConfig
 from sparsecl.models import mlp
 from sparsecl.network import ContinualNetwork
+from sparsecl.rundir import LOCK_NAME
 from sparsecl.runs import CheckpointWriter, RunSpec, build_method, build_network, build_stream, restore
 from sparsecl.trainer import TrainConfig, Trainer
 from interrupted import run_with_checkpoints
@@ -69,10 +70,13 @@ def test_resume_after_sigkill_gives_the_same_run_bit_for_bit(finished_run, tmp_p
     assert not (out / "metrics.json").exists()  # it really died before the end
     done = _tasks_done(ckpt)
     assert 2 <= done < 5
-    assert [p.name for p in out.iterdir()] == [CHECKPOINT_NAME]  # no temporary file survived the kill
+    # the killed run's lock file stays (the kernel released its lock) and a kill inside a write may
+    # leave a temporary file: both are cleared when the folder is opened again
+    assert {p.name for p in out.iterdir()} - {LOCK_NAME} - {p.name for p in out.glob(".*.tmp")} == {CHECKPOINT_NAME}
     resumed = subprocess.run([sys.executable, "-m", "sparsecl", "run", "--resume", str(out), "--no-progress"],
                              env=ENV, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
+    assert {p.name for p in out.iterdir()} == {CHECKPOINT_NAME, "metrics.json"}
     a = json.loads((finished_run / "metrics.json").read_text())
     b = json.loads((out / "metrics.json").read_text())
     for key in ("accuracy_matrix", "capacity", "reuse", "method_log", "max_logit_change"):
@@ -165,19 +169,24 @@ def test_checkpoint_of_another_model_names_the_tensor(finished_run, tmp_path):
         restore(load_checkpoint(other))
 
 
+class _DivergesOnTask1(CLNP):
+    """CLNP whose training loss turns NaN on task 1 (NaN data is refused before training, so
+    the divergence comes from the loss itself)."""
+
+    def loss(self, net, x, y, tasks):
+        loss, correct = super().loss(net, x, y, tasks)
+        return (loss * float("nan") if int(tasks[0]) == 1 else loss), correct
+
+
 def test_divergence_names_task_and_step_and_keeps_the_last_checkpoint(tmp_path):
     bench = cluster_benchmark(num_tasks=3)
-    task = bench.tasks[1]
-    poisoned = task.train_x.clone()
-    poisoned[5] = 3e38  # finite data (a NaN is refused before training) whose logits overflow
-    bench.tasks[1] = dataclasses.replace(task, train_x=poisoned)
     spec = RunSpec([], {"hidden": [16], "dropout": 0.0, "single_head": False}, "clnp")
-    method = CLNP(CLNPConfig(alpha="1e-4"))
+    method = _DivergesOnTask1(CLNPConfig(alpha="1e-4"))
     path = tmp_path / CHECKPOINT_NAME
     writer = CheckpointWriter(path, spec, method, (20,), bench.num_tasks)
     torch.manual_seed(0)
     trainer = Trainer(method, TrainConfig(epochs=2, batch_size=32, seed=0))
-    with pytest.raises(DivergenceError, match=r"task 1: the training loss became (nan|inf) at step \d+ of epoch 1"):
+    with pytest.raises(DivergenceError, match=r"task 1: the training loss became nan at step 1 of epoch 1"):
         trainer.fit(mlp((20,), (16,), 3), bench, on_task_end=writer)
     assert _tasks_done(path) == 1  # the checkpoint after task 0 is intact
     assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]

@@ -19,7 +19,7 @@ def test_run_default_benchmark_writes_metrics(tmp_path):
     R = metrics["accuracy_matrix"]
     assert len(R) == 5 and R[0][1] is None and all(v is not None for v in R[4])
     assert metrics["max_logit_change"] == 0.0 and metrics["bwt"] == 0.0
-    assert set(metrics["capacity"]) == {"1", "3"} and all(len(v) == 5 for v in metrics["capacity"].values())
+    assert set(metrics["capacity"]) == {"fc1", "fc2"} and all(len(v) == 5 for v in metrics["capacity"].values())
     assert metrics["config"]["method_options"]["patience"] == 2
     assert {"torch", "sparsecl", "python"} <= set(metrics["versions"]) and metrics["seconds"] > 0
     assert "ACC" in result.output and "max logit change 0" in result.output
@@ -79,8 +79,8 @@ def test_clnp_single_head_run_then_report(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["max_logit_change"] == 0.0 and metrics["config"]["single_head"] is True
     assert metrics["config"]["method_options"]["lrs"] == "0.01,0.003"
-    assert set(metrics["reuse"]) == {"1", "3"}
-    assert metrics["reuse"]["3"]["reused"] == [0] * 5  # a single head never shares final-hidden units
+    assert set(metrics["reuse"]) == {"fc1", "fc2"}
+    assert metrics["reuse"]["fc2"]["reused"] == [0] * 5  # a single head never shares final-hidden units
     assert all(len(entry["grid"]) == 2 for entry in metrics["method_log"])
     result = CliRunner().invoke(main, ["report", str(out)])
     assert result.exit_code == 0, result.output
