@@ -1,5 +1,6 @@
 """Export one task's subnetwork as a standalone model, physically smaller where the task leaves
-whole units (neurons, channels) unused.
+whole units (neurons, channels) unused. A model without a unit graph (LayerNorm, attention: the
+weight-level methods only) is exported whole, with the task's masked weights and tensors.
 
 Task t needs a unit (a neuron or a channel) when a path of nonzero weights leads from it to task
 t's logits: its own units and the earlier tasks' units they read. With weight-level subnetworks
@@ -21,6 +22,7 @@ import copy
 from pathlib import Path
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from .atomic import write_atomic
@@ -83,12 +85,14 @@ def needed_units(net: ContinualNetwork, task: int, body: nn.Module | None = None
 
 
 def _sliced(module: nn.Module, rows: torch.Tensor, cols: torch.Tensor) -> nn.Module:
-    """A plain copy of a Linear/Conv2d with only output units ``rows`` and input columns ``cols``."""
+    """A plain copy of a Linear/Conv2d with only output units ``rows`` and input columns ``cols``
+    (a depthwise convolution keeps one group per kept channel)."""
     w = module.weight.detach().cpu()[rows][:, cols]
     bias = module.bias is not None
     if isinstance(module, nn.Conv2d):
-        small = nn.Conv2d(w.shape[1], w.shape[0], module.kernel_size, module.stride, module.padding,
-                          module.dilation, bias=bias, padding_mode=module.padding_mode, dtype=w.dtype)
+        groups = w.shape[0] if module.groups > 1 else 1
+        small = nn.Conv2d(w.shape[1] * groups, w.shape[0], module.kernel_size, module.stride, module.padding,
+                          module.dilation, groups=groups, bias=bias, padding_mode=module.padding_mode, dtype=w.dtype)
     else:
         small = nn.Linear(w.shape[1], w.shape[0], bias=bias, dtype=w.dtype)
     small.weight.copy_(w)
@@ -124,7 +128,8 @@ def task_model(net: ContinualNetwork, task: int, normalize=None) -> TaskModel:
         # (e.g. a residual block the task skips, whose output only the stream carries on).
         if not mask.any():
             mask[0] = True
-    body = copy.deepcopy(net.body).cpu().eval()
+    body = copy.deepcopy(source).cpu().eval()
+    _narrow_to(body, graph, needed)
     for name, layer in graph.layers.items():
         if layer.source is not None:
             cols = layer.columns(needed[layer.source])
@@ -145,6 +150,39 @@ def task_model(net: ContinualNetwork, task: int, normalize=None) -> TaskModel:
     if src.bias is not None:
         head.bias.copy_(src.bias.detach().cpu())
     return TaskModel(body, head, normalize).eval()
+
+
+def _narrow_to(body: nn.Module, graph, needed: dict[str, torch.Tensor]) -> None:
+    """Re-aim the ``torch.narrow`` ranges of layers split at a concatenation (``graph`` module
+    doc) at the kept units: range k starts after the kept units of ranges 0..k-1."""
+    if not isinstance(body, fx.GraphModule):
+        return
+    norm_group = {n: g.name for g in graph.groups.values() for n in g.norms}
+    siblings: dict[fx.Node, list[fx.Node]] = {}
+    for node in body.graph.nodes:
+        if node.op == "call_function" and node.target is torch.narrow and len(node.users) == 1:
+            siblings.setdefault(node.args[0], []).append(node)
+    changed = False
+    for nodes in siblings.values():
+        start = 0
+        for node in sorted(nodes, key=lambda n: n.args[2]):
+            (user,) = node.users
+            name = str(user.target)
+            if name in graph.layers:
+                layer = graph.layers[name]
+                if layer.source is None:  # a range of the model input: every column stays
+                    width = node.args[3]
+                else:
+                    width = int(needed[layer.source].sum()) * layer.fan
+            elif name in norm_group:
+                width = int(needed[norm_group[name]].sum())
+            else:
+                continue
+            node.args = (node.args[0], 1, start, width)
+            start += width
+            changed = True
+    if changed:
+        body.recompile()
 
 
 def export_task(net: ContinualNetwork, task: int, input_shape: tuple[int, ...], path: Path,

@@ -155,6 +155,7 @@ class UnitGraph:
 
     ``refusal``: why the model has no unit graph (``trace_network`` of a model the neuron-level
     methods cannot follow; ``layers`` and ``groups`` are then empty), else ``None``.
+    ``head_name``: the final Linear's name in the user's model.
     """
 
     layers: dict[str, UnitLayer]
@@ -165,6 +166,7 @@ class UnitGraph:
     groups: dict[str, UnitGroup] = field(default_factory=dict)
     head_fan: int = 1
     refusal: str | None = None
+    head_name: str = ""
 
     def readers(self, group: str) -> list[str]:
         """Names of the unit layers that read group ``group``'s units (heads not included)."""
@@ -253,6 +255,9 @@ def _refusal(node: fx.Node, gm: fx.GraphModule) -> str:
                 return _SAMPLE_NORM.format(what=what)
         if isinstance(module, _ATTENTION_MODULES):
             return _ATTENTION
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            return ("an embedding table's rows are looked up by token id, not computed from units; "
+                    "the neuron-level methods (eidetic, clnp) refuse it. " + _WEIGHT_LEVEL)
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             return f"{type(module).__name__} is not supported (BatchNorm1d and BatchNorm2d are)"
     if node.op == "call_function":
@@ -425,11 +430,26 @@ def _split(gm: fx.GraphModule, node: fx.Node, counts: list[int], fan: int, make)
     return out
 
 
+def _principled_refusals(gm: fx.GraphModule) -> None:
+    """Refuse LayerNorm-like normalization and attention wherever they are, before anything
+    else: they are the reason a transformer has no unit graph, whatever node comes first."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            principled = isinstance(module, tuple(_SAMPLE_NORM_MODULES) + _ATTENTION_MODULES)
+        else:
+            principled = node.op == "call_function" and (node.target in _SAMPLE_NORM_FUNCTIONS
+                                                          or node.target in _ATTENTION_FUNCTIONS)
+        if principled:
+            raise _unsupported(node, gm, _refusal(node, gm))
+
+
 def _walk(gm: fx.GraphModule, head_node: fx.Node):
     """Follow units through the graph in topological order, splitting layers and BatchNorms that
     read a concatenation (the graph is changed in place). Returns ``(layers, norms, groups,
     head_carry)``: per unit layer its input carry and whether it is depthwise, per BatchNorm the
     layer whose units it normalizes, the coupling union-find, and what the head reads."""
+    _principled_refusals(gm)
     carry: dict[fx.Node, _Carry] = {}
     layers: dict[str, tuple[_Carry, bool]] = {}
     norms: dict[str, str] = {}
@@ -652,7 +672,7 @@ def _cut_head(gm: fx.GraphModule, head_node: fx.Node, norms) -> set[str]:
     live = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
     for name in live if norms is None else live & set(norms):
         bn = gm.get_submodule(name)
-        if type(bn) in TASK_NORMS:
+        if type(bn) in TASK_NORMS and bn.track_running_stats:
             gm.set_submodule(name, TASK_NORMS[type(bn)].replacing(bn))
     gm.recompile()
     return live
@@ -715,7 +735,7 @@ def trace(model: nn.Module) -> tuple[fx.GraphModule, UnitGraph, nn.Linear]:
     if head_source is not None:
         head_fan = _fan(str(head_node.target), head_carry, head_module.in_features, unit_groups[head_source].num_units)
     graph = UnitGraph(layers, head_source, head_module.in_features, head_module.out_features,
-                      head_module.bias is not None, unit_groups, head_fan)
+                      head_module.bias is not None, unit_groups, head_fan, head_name=str(head_node.target))
     return gm, graph, head_module
 
 
@@ -736,5 +756,6 @@ def trace_network(model: nn.Module) -> tuple[fx.GraphModule, UnitGraph, nn.Linea
         refusal = str(exc)
     gm, head_node, head = _symbolic(copy.deepcopy(model))
     _cut_head(gm, head_node, None)
-    graph = UnitGraph({}, None, head.in_features, head.out_features, head.bias is not None, refusal=refusal)
+    graph = UnitGraph({}, None, head.in_features, head.out_features, head.bias is not None, refusal=refusal,
+                      head_name=str(head_node.target))
     return gm, graph, head

@@ -1,11 +1,14 @@
-"""Reference models. Any ``nn.Module`` ending in an ``nn.Linear`` works with the engine; these are
-the ones the CLI builds.
+"""Reference models. Any ``nn.Module`` ending in an ``nn.Linear`` works with the engine (the
+weight-level methods take any such module; the neuron-level ones need a unit graph,
+``sparsecl.graph``); these are the ones the CLI builds.
 
 Every builder in ``MODELS`` is called as ``builder(input_shape, num_classes, **options)`` and
-returns a plain ``nn.Module`` that ``torch.fx`` can trace: convolutions, BatchNorm (tracking
-running statistics), ReLU, ``nn.Dropout``, pooling, one flatten before the first Linear, residual
-``out = out + shortcut`` adds, and a final ``nn.Linear`` producing the logits (the head prototype
-that ``ContinualNetwork`` replaces by one head per task). ``mlp`` keeps its own positional order
+returns a plain ``nn.Module`` that ``torch.fx`` can trace, ending in a final ``nn.Linear``
+producing the logits (the head prototype that ``ContinualNetwork`` replaces by one head per task).
+The convolutional nets and the MLP use convolutions (depthwise in ``mobilenetv2``), BatchNorm
+(tracking running statistics), ReLU/ReLU6, ``nn.Dropout``, pooling, one flatten before the first
+Linear and residual ``out = out + shortcut`` adds, which the unit graph follows; ``vit`` uses
+LayerNorm and ``nn.MultiheadAttention``, for the weight-level methods. ``mlp`` keeps its own positional order
 ``mlp(input_shape, hidden, num_classes, dropout)``; ``MODELS["mlp"]`` adapts it.
 
 Bad options raise ``ConfigError`` naming the option, including an ``input_shape`` too small for a
@@ -363,6 +366,180 @@ def resnet18(input_shape: Sequence[int] = (3, 32, 32), num_classes: int = 10, *,
                   bn_affine=True, model="resnet18")
 
 
+# --- Vision Transformer (Dosovitskiy et al. 2021) at CIFAR scale --------------------------------
+
+class EncoderBlock(nn.Module):
+    """Pre-norm Transformer encoder block (ViT, Dosovitskiy et al. 2021, Eq. 2-3)::
+
+        x = x + MSA(LN(x))          nn.MultiheadAttention, batch_first
+        x = x + MLP(LN(x))          Linear(dim, mlp_dim) → GELU → Dropout → Linear(mlp_dim, dim) → Dropout
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, mlp_dim), act=nn.GELU(), drop1=nn.Dropout(dropout),
+                                             fc2=nn.Linear(mlp_dim, dim), drop2=nn.Dropout(dropout)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """A small Vision Transformer for CIFAR-sized images: the design of "An Image is Worth 16x16
+    Words: Transformers for Image Recognition at Scale" (Dosovitskiy et al., ICLR 2021, Sec. 3.1,
+    Eq. 1-4) at CIFAR scale (4x4 patches of a 32x32 image, as the CIFAR ViTs trained from
+    scratch do)::
+
+        patch embedding   Conv2d(C, dim, patch, stride=patch) → (N, P, dim), P = (H/patch)·(W/patch)
+        [class token; patches] + position embedding (1, P + 1, dim) → Dropout
+        depth x EncoderBlock (pre-norm: LN → multi-head self-attention, LN → MLP with GELU)
+        LayerNorm → the class token's features → Linear head
+
+    The class token and the position embedding are marked per task (``sparsecl_per_task``):
+    weight-level methods give every task its own copy, as they do for the LayerNorm parameters
+    and the biases. With the defaults (dim 192, depth 6, 3 heads, MLP 384) and a 10-class head,
+    1,806,538 parameters."""
+
+    sparsecl_per_task = ("cls_token", "pos_embed")
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, patch_size: int, dim: int, depth: int,
+                 heads: int, mlp_dim: int, dropout: float):
+        super().__init__()
+        name = "vit"
+        shape = _image_shape(input_shape, name)
+        for option, value in (("patch_size", patch_size), ("dim", dim), ("depth", depth), ("heads", heads),
+                              ("mlp_dim", mlp_dim), ("num_classes", num_classes)):
+            _positive(option, value, name)
+        _rate("dropout", dropout, name)
+        if shape[1] % patch_size or shape[2] % patch_size:
+            raise ConfigError(f"{name}: input_shape {shape} is not a whole number of {patch_size}x{patch_size} "
+                              "patches (patch_size)")
+        if dim % heads:
+            raise ConfigError(f"{name}: dim {dim} is not divisible by heads {heads}")
+        patches = (shape[1] // patch_size) * (shape[2] // patch_size)
+        self.patch_embed = nn.Conv2d(shape[0], dim, patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, patches + 1, dim))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.Sequential(*(EncoderBlock(dim, heads, mlp_dim, dropout) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (N, P, dim)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = self.blocks(self.drop(x))
+        return self.head(self.norm(x)[:, 0])
+
+
+def vit(input_shape: Sequence[int] = (3, 32, 32), num_classes: int = 10, *, patch_size: int = 4, dim: int = 192,
+        depth: int = 6, heads: int = 3, mlp_dim: int = 384, dropout: float = 0.0) -> ViT:
+    """``ViT`` (see the class): options ``patch_size`` (4), ``dim`` (192), ``depth`` (6 blocks),
+    ``heads`` (3), ``mlp_dim`` (384), ``dropout`` (0)."""
+    return ViT(input_shape, num_classes, patch_size, dim, depth, heads, mlp_dim, dropout)
+
+
+# --- MobileNetV2 (Sandler et al. 2018) at CIFAR scale ---------------------------------------------
+
+def _conv_bn(inp: int, out: int, kernel: int, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
+    layers = OrderedDict(conv=nn.Conv2d(inp, out, kernel, stride, kernel // 2, groups=groups, bias=False),
+                         bn=nn.BatchNorm2d(out))
+    if act:
+        layers["act"] = nn.ReLU6()
+    return nn.Sequential(layers)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's inverted residual block (Sandler et al. 2018, Table 1): 1x1 expansion to
+    ``t·inp`` channels → BN → ReLU6 (left out when t = 1), 3x3 depthwise convolution (stride s)
+    → BN → ReLU6, 1x1 linear projection → BN; plus the input when s = 1 and the widths match."""
+
+    def __init__(self, inp: int, out: int, stride: int, expansion: int):
+        super().__init__()
+        hidden = inp * expansion
+        self.expand = _conv_bn(inp, hidden, 1) if expansion != 1 else None
+        self.dw = _conv_bn(hidden, hidden, 3, stride, groups=hidden)
+        self.project = _conv_bn(hidden, out, 1, act=False)
+        self.residual = stride == 1 and inp == out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.project(self.dw(self.expand(x) if self.expand is not None else x))
+        return x + out if self.residual else out
+
+
+#: MobileNetV2's stages (t, c, n, s) of Table 2; the CIFAR variant keeps stride 1 in the stem and
+#: the second stage (as kuangliu/pytorch-cifar's MobileNetV2), so 32x32 maps shrink to 4x4.
+MOBILENETV2_STAGES = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+                      (6, 160, 3, 2), (6, 320, 1, 1))
+
+
+def _round_channels(c: float, divisor: int = 8) -> int:
+    """Channels rounded to a multiple of ``divisor``, never 10% below ``c`` (the reference
+    implementation's ``_make_divisible``)."""
+    out = max(divisor, int(c + divisor / 2) // divisor * divisor)
+    return out + divisor if out < 0.9 * c else out
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 ("MobileNetV2: Inverted Residuals and Linear Bottlenecks", Sandler et al.,
+    CVPR 2018) for CIFAR-sized images::
+
+        Conv 3x3, 32·w, stride 1 → BN → ReLU6
+        inverted residual stages (t, c, n, s) = MOBILENETV2_STAGES, channels c·w
+        Conv 1x1, max(1280, 1280·w) → BN → ReLU6 → global average pool → Flatten → Dropout → Linear
+
+    ``width`` (w) scales every layer's channels (rounded to multiples of 8); ``dropout`` (0.2)
+    precedes the head. Depthwise convolutions have ``groups = channels``; the neuron-level
+    methods trace each one as coupled with the expansion that feeds it. 2,236,682 parameters
+    with w = 1 and a 10-class head."""
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, width: float, dropout: float):
+        super().__init__()
+        name = "mobilenetv2"
+        shape = _image_shape(input_shape, name)
+        _positive("num_classes", num_classes, name)
+        _rate("dropout", dropout, name)
+        if not width > 0:
+            raise ConfigError(f"{name}: width must be above 0, got {width}")
+        size = _Spatial(shape, name)
+        stem = _round_channels(32 * width)
+        self.stem = _conv_bn(shape[0], stem, 3)
+        size.apply("the stem", 3, 1, 1)
+        blocks, inp = [], stem
+        for t, c, n, s in MOBILENETV2_STAGES:
+            out = _round_channels(c * width)
+            for i in range(n):
+                stride = s if i == 0 else 1
+                size.apply(f"a stride-{stride} depthwise convolution", 3, stride, 1)
+                blocks.append(InvertedResidual(inp, out, stride, t))
+                inp = out
+        self.blocks = nn.Sequential(*blocks)
+        last = _round_channels(1280 * max(1.0, width))
+        self.last = _conv_bn(inp, last, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(last, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.last(self.blocks(self.stem(x)))
+        return self.head(self.drop(self.flatten(self.pool(x))))
+
+
+def mobilenetv2(input_shape: Sequence[int] = (3, 32, 32), num_classes: int = 10, *, width: float = 1.0,
+                dropout: float = 0.2) -> MobileNetV2:
+    """``MobileNetV2`` (see the class): options ``width`` (channel multiplier, 1.0) and
+    ``dropout`` before the head (0.2)."""
+    return MobileNetV2(input_shape, num_classes, width, dropout)
+
+
 # --- registry -------------------------------------------------------------------------------------
 
 def _mlp(input_shape: Sequence[int], num_classes: int = 10, *, hidden: Sequence[int] = (2000, 2000),
@@ -381,6 +558,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "alexnet-like": alexnet_like,
     "reduced-resnet18": reduced_resnet18,
     "resnet18": resnet18,
+    "vit": vit,
+    "mobilenetv2": mobilenetv2,
 }
 
 
