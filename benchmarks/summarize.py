@@ -1,8 +1,11 @@
 """Print one Markdown table row per run folder: the run (folder name), method, ACC, BWT, max
 logit change, capacity used after the last task (per layer, or the mean and range over many
 layers), bits per parameter (weight-level methods: stored, raw in brackets), wall time per task.
+With --over-seeds, instead one row per configuration: mean ± std over its seeds
+(sparsecl.summary, as ``sparsecl summarize``).
 Usage:
-    python benchmarks/summarize.py runs/cifar100-alexnet-like-*"""
+    python benchmarks/summarize.py runs/cifar100-alexnet-like-*
+    python benchmarks/summarize.py --over-seeds runs/pmnist-ewc-seed*"""
 
 from __future__ import annotations
 
@@ -29,6 +32,11 @@ def row(run_dir: Path) -> str:
 
 
 def main(paths: list[str]) -> None:
+    if paths[:1] == ["--over-seeds"]:
+        from sparsecl.summary import summarize_runs, to_markdown
+
+        print(to_markdown(summarize_runs(paths[1:])), end="")
+        return
     print("| run | method | ACC (%) | BWT (points) | max logit change | capacity used after the last task "
           "| bits per parameter | wall time per task |")
     print("|---|---|---|---|---|---|---|---|")
