@@ -82,6 +82,8 @@ class ContinualNetwork(nn.Module):
         # Follows .to(): new heads take the device and dtype of the model's final Linear.
         self.register_buffer("_head_like", prototype.weight.new_empty(0), persistent=False)
         self.subnetworks: TaskSubnetworks | None = None
+        #: bodies kept per task (``keep_task_body``), keyed by ``str(task)``
+        self.task_bodies = nn.ModuleDict()
         if single_head:
             fresh = self.fresh_head(self.graph.head_out_features)
             self.head_weight = nn.Parameter(fresh.weight.detach())
@@ -171,8 +173,9 @@ class ContinualNetwork(nn.Module):
         return head
 
     def structure(self) -> dict:
-        """What ``state_dict`` alone does not say: the single-head flag, each head's class count
-        and the block structure of widened layers and heads (JSON-serializable). ``restore``
+        """What ``state_dict`` alone does not say: the single-head flag, each head's class count,
+        the block structure of widened layers and heads, the subnetworks' mode and owner dtype and
+        the tasks with a body of their own (JSON-serializable). ``restore``
         rebuilds a network of this structure from the same user model."""
         def blocks(module):
             return {"row_ends": module.row_ends, "col_ends": module.col_ends} if isinstance(module, WidenedLinear) else None
@@ -184,6 +187,7 @@ class ContinualNetwork(nn.Module):
             "heads": None if self.single_head else [blocks(h) for h in self.heads],
             "head_col_ends": list(self.head_col_ends) if self.single_head else None,
             "subnetworks": None if self.subnetworks is None else self.subnetworks.structure(),
+            "task_bodies": sorted(int(t) for t in self.task_bodies),
         }
 
     @classmethod
@@ -222,6 +226,8 @@ class ContinualNetwork(nn.Module):
             blocks = None if net.single_head else structure["heads"][i]
             if blocks is not None:
                 net.heads[i] = _blocked(head, blocks)
+        for t in structure.get("task_bodies", []):
+            net.keep_task_body(int(t), copy.deepcopy(net.body))
         return net
 
     def head_parameters(self, task: int) -> Iterator[nn.Parameter]:
@@ -231,13 +237,28 @@ class ContinualNetwork(nn.Module):
             yield self.head_weight
         yield from self.heads[task].parameters()
 
+    def keep_task_body(self, task: int, body: nn.Module) -> None:
+        """From now on task ``task``'s features come from ``body`` (a copy of the body trained
+        for it, e.g. single-task training's network per task); saved with the network
+        (``structure``, ``state_dict``).
+
+        Raises:
+            ConfigError: ``task`` has no head, or the network has weight-level subnetworks.
+        """
+        self.check_task_id(task)
+        if self.subnetworks is not None:
+            raise ConfigError("a network with weight-level subnetworks computes every task's features from one body")
+        self.task_bodies[str(task)] = body
+
     def features(self, x: torch.Tensor, task: int | None = None) -> torch.Tensor:
-        """Penultimate features, shape ``(N, head_features)``: the body's, or with weight-level
-        subnetworks task ``task``'s.
+        """Penultimate features, shape ``(N, head_features)``: the body's, task ``task``'s kept
+        body (``keep_task_body``), or with weight-level subnetworks task ``task``'s subnetwork.
 
         Raises:
             ConfigError: subnetworks are installed and ``task`` is ``None``.
         """
+        if task is not None and str(task) in self.task_bodies:
+            return self.task_bodies[str(task)](x)
         if self.subnetworks is None:
             return self.body(x)
         if task is None:
@@ -318,7 +339,7 @@ class ContinualNetwork(nn.Module):
             t = int(task_ids[0])
             logits = self.head_logits(self.features(x, t), t)
             return F.cross_entropy(logits, y), logits.argmax(1) == y
-        h = self.body(x) if self.subnetworks is None else None  # else: each task's own features
+        h = self.body(x) if self.subnetworks is None and not self.task_bodies else None  # else: per task
         loss = x.new_zeros((), dtype=torch.float32)
         correct = torch.empty_like(y, dtype=torch.bool)
         for t in task_ids.tolist():
