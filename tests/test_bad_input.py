@@ -304,3 +304,15 @@ def test_crafted_tensor_shapes_are_refused_on_load(mnist_run, tmp_path, field, e
     crafted = _crafted(mnist_run, tmp_path, lambda m: None, edit)
     result = _cli("run", "--resume", crafted)
     _clean_error(result, f"'tensor {field}'")
+
+
+def test_the_cli_checks_the_stream_length_against_the_methods_limit_before_task_0(tmp_path, data_root):
+    from sparsecl.methods import METHODS
+
+    limit = METHODS["packnet"][0].max_tasks
+    assert limit is not None  # the weight-level owner ids bound the number of tasks
+    result = _cli("run", "--method", "packnet", "--benchmark", "permuted-mnist", "--tasks", limit + 1,
+                  "--max-train-per-task", "100", "--max-test-per-task", "50", "--epochs", "1", "--hidden", "16",
+                  "--no-progress", "--data-root", data_root, "--out", tmp_path / "R")
+    _clean_error(result, f"can learn at most {limit} tasks", f"--tasks {limit}")
+    assert "task 0 done" not in result.output and not (tmp_path / "R").exists()
