@@ -11,14 +11,12 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
 from sparsecl.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from sparsecl.cli import main
-from sparsecl.data import load_benchmark
 from sparsecl.errors import CheckpointError, ConfigError, DataError, DataFormatError
 from sparsecl.methods.base import Method
 from sparsecl.models import mlp

@@ -17,8 +17,8 @@ from rich.table import Table
 from . import distributed
 from .atomic import write_json_atomic
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint
-from .data import load_benchmark
 from .data.benchmarks import BENCHMARKS
+from .data.types import LazyTasks
 from .compact import read_compact, write_compact
 from .export import export_task
 from .errors import ConfigError, OutputError, SparseCLError
@@ -29,7 +29,6 @@ from .runs import (CheckpointWriter, RunSpec, build_method, build_network, build
 from .routing import ROUTING_MODES, evaluate_routing
 from .rundir import RunFolder, default_run_folder
 from .trainer import OPTIMIZERS, RunResult, TrainConfig, Trainer, accuracy, check_device, check_task
-from .data.types import LazyTasks
 
 DEFAULT_BENCHMARK = "split-digits"  # bundled with scikit-learn: runs with no data root
 _METHOD_FIELDS = {f.name for _, c in METHODS.values() if c for f in dataclasses.fields(c)}
@@ -179,7 +178,7 @@ def _run(world, data_root, download, device, out, overwrite, resume, from_checkp
         if first:
             distributed.barrier(world)
         if ckpt is None:
-            net, method_obj, state = build_network(spec, bench), build_method(spec.method, spec.method_options), None
+            net, method_obj, state = build_network(spec, bench, device), build_method(spec.method, spec.method_options), None
         else:
             net, method_obj, state = restore(ckpt, spec, continue_on=device)
             if state.tasks_done >= bench.num_tasks and main_rank:
@@ -504,15 +503,6 @@ def _check_parent(path: Path, option: str) -> None:
     folder = Path(path).parent
     if not folder.is_dir() or not os.access(folder, os.W_OK):
         raise ConfigError(f"{option} {path}: the folder {folder} does not exist or is not writable")
-
-
-def _prepare_out(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"--out {out}: cannot create the folder ({exc.strerror})") from None
-    if not os.access(out, os.W_OK):
-        raise ConfigError(f"--out {out}: the folder is not writable")
 
 
 def _widths(hidden: str) -> tuple[int, ...]:

@@ -146,10 +146,18 @@ def build_stream(spec: RunSpec, data_root: Path | None = None, download: bool | 
                      parts[0].input_shape, {"segments": [dict(b.info, name=b.name) for b in parts]})
 
 
-def build_network(spec: RunSpec, bench: Benchmark) -> ContinualNetwork:
-    """The untrained network of the run, seeded by the run's seed."""
+def build_network(spec: RunSpec, bench: Benchmark, device: str = "cpu") -> ContinualNetwork:
+    """The untrained network of the run, seeded by the run's seed, built on the CPU; ``device``:
+    where it will train (its memory is checked too).
+
+    Raises:
+        ConfigError: the model's training would not fit in the memory available
+            (:func:`check_model_fits`), or a bad model option.
+    """
     num_classes = bench.tasks.header(0).num_classes if isinstance(bench.tasks, LazyTasks) else bench.tasks[0].num_classes
     check_model_fits(spec, bench.input_shape, num_classes)
+    if torch.device(device).type != "cpu":
+        check_model_fits(spec, bench.input_shape, num_classes, device)
     torch.manual_seed(spec.train.get("seed", 0))  # the initial weights are part of the run's seed
     try:
         model = _user_model(spec, bench.input_shape, num_classes)
