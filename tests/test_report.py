@@ -460,3 +460,23 @@ def test_report_module_imports_no_matplotlib():
     code = "import sys, sparsecl.report; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_heat_map_layout_and_row_names(tmp_path):
+    """Up to SIDE_BY_SIDE_TASKS tasks the two heat maps sit side by side sharing the group names;
+    beyond, one above the other, each named. Weight-level runs name their rows layers."""
+    from sparsecl.report import SIDE_BY_SIDE_TASKS, capacity_figure, load_metrics
+
+    few = capacity_figure(load_metrics(make_run(tmp_path, many_groups_metrics(12, 3))))
+    left, right = [ax for ax in few.axes if ax.images]
+    assert left.get_position().x0 < right.get_position().x0 and left.get_ylabel() == "unit group"
+    many = many_groups_metrics(12, SIDE_BY_SIDE_TASKS + 1)
+    for e in many["reuse"].values():  # a weight-level run counts weights
+        e["weights"] = e.pop("units")
+        e["used"] = e["owned"]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "metrics.json").write_text(json.dumps(many))
+    top, bottom = [ax for ax in capacity_figure(load_metrics(other)).axes if ax.images]
+    assert top.get_position().y0 > bottom.get_position().y0
+    assert top.get_ylabel() == bottom.get_ylabel() == "layer"

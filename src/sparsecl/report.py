@@ -388,8 +388,22 @@ def _share(e: dict[str, list[int]], field: str, unit: str) -> list[float]:
     return [100 * x / n if n else math.nan for x, n in zip(e[field], e[unit])]
 
 
-def _heatmap_size(groups: int, T: int, panels: int = 1) -> tuple[float, float]:
-    return max(6.0, 0.5 * T + 4.5), panels * max(2.6, 0.3 * groups + 1.3)
+SIDE_BY_SIDE_TASKS = 6  # up to this many tasks, two heat maps sit side by side; beyond, one above the other
+
+
+def _heatmap_panels(groups: int, T: int, panels: int) -> tuple[Figure, list[Axes]]:
+    """A figure of ``panels`` group x task heat-map axes, sized so that cells stay readable:
+    side by side (sharing the group labels) for up to ``SIDE_BY_SIDE_TASKS`` tasks, else stacked."""
+    width, height = max(3.2, 0.45 * T + 2.2), max(2.6, 0.3 * groups + 1.3)
+    side = panels > 1 and T <= SIDE_BY_SIDE_TASKS
+    fig = _new_figure(width * panels + 2.0 if side else width + 2.0, height if side else height * panels)
+    grid = fig.subplots(1, panels, sharey=True, squeeze=False) if side else fig.subplots(panels, 1, squeeze=False)
+    return fig, list(grid.flat)
+
+
+def _group_word(unit: str) -> str:
+    """What a row of a heat map is: a unit group (neuron-level) or a layer (weight-level)."""
+    return "layer" if unit == "weights" else "unit group"
 
 
 def capacity_figure(m: dict[str, Any]) -> Figure:
@@ -401,21 +415,21 @@ def capacity_figure(m: dict[str, Any]) -> Figure:
     T = len(m["accuracy_matrix"])
     unit = _capacity_unit(m)
     if len(cap) > MAX_LINES:
-        panels = 2 if reuse else 1
-        fig = _new_figure(*_heatmap_size(len(cap), T, panels))
-        axes = fig.subplots(panels, 1, squeeze=False)[:, 0]
+        row = _group_word(unit)
+        fig, axes = _heatmap_panels(len(cap), T, 2 if reuse else 1)
         names = [str(layer) for layer in cap]
         _heatmap(fig, axes[0], [[100 * f for f in fractions] for fractions in cap.values()], 0.0, 100.0,
                  f"{unit} in use (%)", "{:.0f}", names)
-        axes[0].set_title(f"{unit} in use per unit group after each task (%)", fontsize=10)
-        if reuse:
-            layers = [str(layer) for layer in reuse]
-            _heatmap(fig, axes[1], [_share(e, "owned", unit) for e in reuse.values()], 0.0, 100.0,
-                     f"{unit} taken (% of the group)", "{:.0f}", layers)
-            axes[1].set_title(f"{unit} newly taken by each task (% of the group)", fontsize=10)
+        axes[0].set_title(f"{unit} in use after each task (%)", fontsize=10)
+        if reuse:  # same rows as capacity (the ledger's groups), in the same order
+            _heatmap(fig, axes[1], [_share(reuse[layer], "owned", unit) if layer in reuse else [math.nan] * T
+                                    for layer in cap], 0.0, 100.0, f"{unit} taken (% of the {row})", "{:.0f}", names)
+            axes[1].set_title(f"{unit} newly taken by each task (% of the {row})", fontsize=10)
         for ax in axes:
             ax.set_xlabel("task")
-            ax.set_ylabel("unit group")
+        for ax in axes:  # the group names sit left of the first column only
+            if ax.get_subplotspec().is_first_col():
+                ax.set_ylabel(row)
         fig.suptitle(_run_name(m))
         return fig
     fig = _new_figure(max(6.0, 0.45 * T + 3.0), 8.0 if reuse else 4.5)
@@ -449,16 +463,18 @@ def reuse_figure(m: dict[str, Any]) -> Figure:
     T = len(m["accuracy_matrix"])
     unit = _capacity_unit(m)
     if len(reuse) > MAX_LINES:
-        fig = _new_figure(*_heatmap_size(len(reuse), T, 2))
-        axes = fig.subplots(2, 1, squeeze=False)[:, 0]
+        row = _group_word(unit)
+        fig, axes = _heatmap_panels(len(reuse), T, 2)
         layers = [str(layer) for layer in reuse]
         for ax, field, what in ((axes[0], "owned", f"new {unit} taken"),
                                 (axes[1], "reused", f"{unit} of earlier tasks reused")):
             _heatmap(fig, ax, [_share(e, field, unit) for e in reuse.values()], 0.0, 100.0,
-                     "% of the group", "{:.0f}", layers)
-            ax.set_title(f"{what} (% of the group's {unit})", fontsize=10)
+                     f"% of the {row}'s {unit}", "{:.0f}", layers)
+            ax.set_title(f"{what} (%)", fontsize=10)
             ax.set_xlabel("task")
-            ax.set_ylabel("unit group")
+        for ax in axes:  # the group names sit left of the first column only
+            if ax.get_subplotspec().is_first_col():
+                ax.set_ylabel(row)
         fig.suptitle(f"{_run_name(m)}: new vs reused {unit}")
         return fig
     cols = min(3, len(reuse))
