@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 
@@ -122,44 +123,108 @@ class EWC(QuadraticPenalty):
         """Diagonal Fisher information of the current task, per trained parameter (name →
         tensor of the parameter's shape): the mean over training samples x (the first
         ``ewc_fisher_samples``, unaugmented) of ``(d log p(y|x) / d theta)^2``, y the sample's
-        label (``empirical``) or, weighted by p(y|x), every class (``true``). Per-sample
-        gradients (``torch.func.vmap``) in eval mode: no dropout, BatchNorm's running
-        statistics, so that every sample's gradient is its own."""
+        label (``empirical``) or, weighted by p(y|x), every class (``true``). In eval mode (no
+        dropout, BatchNorm's running statistics), so that every sample's gradient is its own.
+
+        Per-sample squared gradients of an ``nn.Linear`` called once per forward pass come from
+        one backward pass of the batch: for a sample, d/dW = g a^T (g the gradient at the layer's
+        output, a its input), so the batch's sum of squares is (g^2)^T (a^2) (Goodfellow,
+        "Efficient per-example gradient computations", 2015). Every other parameter's per-sample
+        gradients come from ``torch.func.vmap``."""
         net, t = session.net, session.t
-        params = {name: p.detach() for name, p in self._trained}
-        numel = sum(p.numel() for p in params.values())
-        chunk = max(1, min(session.config.eval_batch_size, _PER_SAMPLE_BYTES // (4 * max(numel, 1))))
-
-        def log_prob(theta, x, label):
-            logits = functional_call(net, theta, (x.unsqueeze(0), t))[0]
-            return F.log_softmax(logits, -1).gather(0, label.unsqueeze(0))[0]
-
-        per_sample = vmap(grad(log_prob), in_dims=(None, 0, 0))
-        total = {name: torch.zeros_like(p) for name, p in params.items()}
+        trained = dict(self._trained)
+        linears = {name: m for name, m in net.named_modules() if type(m) is nn.Linear
+                   and any(p is trained.get(f"{name}.{k}") for k, p in m.named_parameters(recurse=False))}
+        total = {name: torch.zeros_like(p) for name, p in trained.items()}
         limit = self.config.ewc_fisher_samples
         seen = 0
         was_training = net.training
         net.eval()
         try:
-            for x, y, _ in session.batches(shuffle=False, batch_size=chunk):
+            for x, y, _ in session.batches(shuffle=False, batch_size=session.config.eval_batch_size):
                 if limit is not None:
                     x, y = x[: limit - seen], y[: limit - seen]
+                if seen == 0:  # a layer called twice per forward pass mixes two inputs in one gradient
+                    linears = {n: m for n, m in linears.items() if _calls(net, m, x[:1], t) == 1}
                 if self.config.ewc_fisher == "empirical":
-                    weighted = [(y, None)]
+                    targets = [(y, None)]
                 else:
                     with torch.no_grad():
                         probs = F.softmax(net(x, t), -1)
-                    weighted = [(torch.full_like(y, c), probs[:, c]) for c in range(probs.shape[1])]
-                for labels, weight in weighted:
-                    grads = per_sample(params, x, labels)
-                    for name, g in grads.items():
-                        sq = g * g
-                        if weight is not None:
-                            sq = sq * weight.view(-1, *([1] * (sq.dim() - 1)))
-                        total[name] += sq.sum(0)
+                    targets = [(torch.full_like(y, c), probs[:, c]) for c in range(probs.shape[1])]
+                done = _linear_squares(net, t, linears, x, targets, total)
+                rest = {name: p.detach() for name, p in trained.items() if name not in done}
+                if rest:
+                    _vmap_squares(net, t, rest, x, targets, total)
                 seen += len(y)
                 if limit is not None and seen >= limit:
                     break
         finally:
             net.train(was_training)
         return {name: f / seen for name, f in total.items()}
+
+
+def _calls(net, module: nn.Module, x: torch.Tensor, t: int) -> int:
+    """How many times ``module`` runs in one forward pass of task ``t``."""
+    count = [0]
+    handle = module.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+    try:
+        with torch.no_grad():
+            net(x, t)
+    finally:
+        handle.remove()
+    return count[0]
+
+
+def _linear_squares(net, t: int, linears: dict[str, nn.Module], x: torch.Tensor, targets, total) -> set[str]:
+    """Add the batch's summed per-sample squared gradients of the ``linears``' weights and
+    biases to ``total``; ``targets``: ``(labels (N,), weight (N,) or None)`` pairs, each a
+    gradient of sum_n sqrt(weight_n) log p(label_n | x_n). Returns the names it filled."""
+    if not linears:
+        return set()
+    seen: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+    hooks = [m.register_forward_hook(lambda m, inputs, out, name=name: seen.append((name, inputs[0].detach(), out)))
+             for name, m in linears.items()]
+    try:
+        logp = F.log_softmax(net(x, t), -1)
+    finally:
+        for h in hooks:
+            h.remove()
+    for i, (labels, weight) in enumerate(targets):
+        picked = logp.gather(1, labels.unsqueeze(1))[:, 0]
+        if weight is not None:
+            picked = picked * weight.sqrt()
+        grads = torch.autograd.grad(picked.sum(), [out for _, _, out in seen], retain_graph=i < len(targets) - 1)
+        for (name, a, _), g in zip(seen, grads):
+            module = linears[name]
+            if g.dim() == 2:
+                w_sq, b_sq = (g * g).T @ (a * a), (g * g).sum(0)
+            else:  # (N, ..., features): a sample's gradient sums over its positions
+                per_sample = torch.einsum("n...o,n...i->noi", g, a)
+                w_sq, b_sq = (per_sample * per_sample).sum(0), (g.flatten(1, -2).sum(1) ** 2).sum(0)
+            if f"{name}.weight" in total:
+                total[f"{name}.weight"] += w_sq
+            if module.bias is not None and f"{name}.bias" in total:
+                total[f"{name}.bias"] += b_sq
+    return {f"{name}.{k}" for name, m in linears.items() for k, _ in m.named_parameters(recurse=False)}
+
+
+def _vmap_squares(net, t: int, params: dict[str, torch.Tensor], x: torch.Tensor, targets, total) -> None:
+    """As ``_linear_squares`` for ``params`` (name → detached tensor), from per-sample gradients
+    by ``torch.func.vmap``, at most ``_PER_SAMPLE_BYTES`` of gradients at a time."""
+    numel = sum(p.numel() for p in params.values())
+    chunk = max(1, _PER_SAMPLE_BYTES // (4 * max(numel, 1)))
+
+    def log_prob(theta, sample, label):
+        logits = functional_call(net, theta, (sample.unsqueeze(0), t))[0]
+        return F.log_softmax(logits, -1).gather(0, label.unsqueeze(0))[0]
+
+    per_sample = vmap(grad(log_prob), in_dims=(None, 0, 0))
+    for labels, weight in targets:
+        for start in range(0, len(x), chunk):
+            part = slice(start, start + chunk)
+            for name, g in per_sample(params, x[part], labels[part]).items():
+                sq = g * g
+                if weight is not None:
+                    sq = sq * weight[part].view(-1, *([1] * (sq.dim() - 1)))
+                total[name] += sq.sum(0)

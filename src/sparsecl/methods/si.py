@@ -71,8 +71,9 @@ class SI(QuadraticPenalty):
 
     @torch.no_grad()
     def before_step(self, net) -> None:
-        # .grad holds the task loss's gradient; the penalty's is added out of place (QuadraticPenalty)
-        self._before = [(name, p, p.grad, p.detach().clone())
+        # .grad holds the task loss's gradient until the penalty's is added (QuadraticPenalty); a
+        # copy, since an optimizer may change .grad in place
+        self._before = [(name, p, p.grad.clone(), p.detach().clone())
                         for name, p in self._trained if p.grad is not None]
         super().before_step(net)
 
