@@ -200,6 +200,12 @@ class TaskSubnetworks(nn.Module):
         self._live: tuple[int, Effective] | None = None
         self._cache: tuple[tuple, list[torch.Tensor]] | None = None
 
+    def train(self, mode: bool = True) -> "TaskSubnetworks":
+        """Sets the mode flag only: the per-task states hold tensors and compute nothing, and
+        walking them would make every ``net.train()``/``net.eval()`` cost O(tasks)."""
+        self.training = mode
+        return self
+
     # ----------------------------------------------------------------------------- structure
     @property
     def num_tasks(self) -> int:
