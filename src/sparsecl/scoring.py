@@ -118,3 +118,95 @@ def activation_scores(net, batches: Iterable[torch.Tensor]) -> dict[str, torch.T
             h.remove()
         net.train(was_training)
     return {name: (s / max(count * points[name], 1)).float() for name, s in sums.items()}
+
+
+class TaylorAccumulator:
+    """Taylor importance (Molchanov et al., ICLR 2017, Eq. 8, as :func:`taylor_scores`) gathered
+    from the training steps that run anyway, instead of a scoring pass of its own.
+
+    While attached, every forward pass in train mode with gradients records each unit layer's
+    output z, and the backward pass adds Σ_samples |z · ∂C/∂z · N| (a channel: z · ∂C/∂z averaged
+    over its spatial positions first; ``N`` the batch size, so that the mean loss weighs every
+    sample alike) to a per-unit-group sum, float64 ``(num_units,)``. :meth:`scores` gives the mean
+    over the samples seen since the last :meth:`reset` — the EideticNets method resets at the start
+    of every training epoch, so the scores are those of the last epoch (train mode: with dropout,
+    while the weights move; a fresh :func:`taylor_scores` pass scores fixed weights in eval mode).
+    Eval-mode and no-grad passes (accuracy measurements) are not counted.
+    """
+
+    def __init__(self, net) -> None:
+        self.net = net
+        self.sums = _zeros(net)
+        self.count = 0
+        self._hooks = []
+
+    def attach(self) -> None:
+        if self._hooks:
+            return
+        first = next(iter(self.net.graph.layers), None)
+        for name, layer in self.net.graph.layers.items():
+            self._hooks.append(layer.module.register_forward_hook(self._keep(layer.group, name == first)))
+
+    def detach(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def reset(self) -> None:
+        self.sums = _zeros(self.net)
+        self.count = 0
+
+    def state(self) -> tuple[dict[str, torch.Tensor], int]:
+        """A copy of the sums and the sample count, for :meth:`load`."""
+        return {n: s.clone() for n, s in self.sums.items()}, self.count
+
+    def load(self, state: tuple[dict[str, torch.Tensor], int]) -> None:
+        self.sums, self.count = {n: s.clone() for n, s in state[0].items()}, state[1]
+
+    def _keep(self, group: str, counts: bool):
+        def hook(module, inputs, output):
+            if not (module.training and output.requires_grad):
+                return
+            z = output.detach()
+            n = len(z)
+            if counts:  # one layer counts the samples
+                self.count += n
+
+            def grad_hook(grad):
+                prod = z * grad * n
+                if prod.dim() > 2:
+                    prod = prod.flatten(2).mean(2)
+                self.sums[group] += prod.abs().sum(0).double().cpu()
+            output.register_hook(grad_hook)
+        return hook
+
+    def scores(self, world=None) -> dict[str, torch.Tensor]:
+        """Mean importance per unit over the samples seen since the last reset; with ``world``
+        (data-parallel), summed over the ranks first, so that every rank gets the same scores.
+
+        Raises:
+            ValueError: no training sample was seen since the last reset.
+        """
+        sums, count = self.sums, self.count
+        if world is not None:
+            from . import distributed
+            names = list(sums)
+            flat = torch.cat([sums[n] for n in names] + [torch.tensor([float(count)], dtype=torch.float64)])
+            flat = distributed.all_reduce_sum(flat, world)
+            sums = dict(zip(names, flat[:-1].split([len(sums[n]) for n in names])))
+            count = int(flat[-1])
+        if count == 0:
+            raise ValueError("no training step was seen since the Taylor scores were reset")
+        return {name: (s / count).float() for name, s in sums.items()}
+
+
+def layer_normalized(scores: dict[str, torch.Tensor], among: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Scores divided by their layer's L2 norm over the units ``among`` (bool ``(num_units,)``
+    per group), so that one threshold can compare units of different layers (Molchanov et al.,
+    ICLR 2017, Sec. 2.2, "normalization": Θ(z) / sqrt(Σ_j Θ(z_j)²); EideticNets prunes by one
+    threshold over the whole network this way). A layer whose scores are all zero is left as is."""
+    out = {}
+    for name, s in scores.items():
+        norm = s[among[name]].double().norm() if among[name].any() else torch.zeros((), dtype=torch.float64)
+        out[name] = (s.double() / norm).float() if norm > 0 else s.clone()
+    return out
