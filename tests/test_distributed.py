@@ -128,3 +128,13 @@ def test_checksum_sees_every_bit():
     assert base != distributed.state_checksum({**a, "w": torch.tensor([0.0, -0.0, 0.0])}, {"log": [1]})
     assert base != distributed.state_checksum(a, {"log": [2]})
     assert base != distributed.state_checksum({**a, "owner": torch.tensor([-1, 1], dtype=torch.int16)}, {"log": [1]})
+
+
+def test_state_checksum_leaves_out_wall_clock_timings():
+    """Each rank measures its own clock: a method log's ``seconds`` may differ, its decisions may not."""
+    a = {"w": torch.tensor([1.0, 2.0])}
+    one = {"log": [{"kept": {"fc1": 3}, "seconds": 1.25, "select_seconds": 0.5}]}
+    other = {"log": [{"kept": {"fc1": 3}, "seconds": 1.31, "select_seconds": 0.7}]}
+    assert distributed.state_checksum(a, one) == distributed.state_checksum(a, other)
+    assert distributed.state_checksum(a, one) != distributed.state_checksum(a, {"log": [{"kept": {"fc1": 4},
+                                                                                        "seconds": 1.25}]})

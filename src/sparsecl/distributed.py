@@ -148,10 +148,15 @@ def broadcast_buffers(module: nn.Module, world: World) -> None:
     """Copy rank 0's buffers (BatchNorm statistics) to every rank: during an epoch each rank
     updates its statistics from its own batches."""
     for buf in module.buffers():
-        staged = buf.to(world.device)
+        staged = buf.to(world.device, _WIRE_DTYPES.get(buf.dtype, buf.dtype))
         dist.broadcast(staged, 0)
         if staged is not buf:
             buf.copy_(staged)
+
+
+#: Buffer dtypes a process group backend cannot send (gloo refuses int16: weight-level owner
+#: ids), sent as a wider dtype that holds every value.
+_WIRE_DTYPES = {torch.int16: torch.int32}
 
 
 def wrap(module: nn.Module) -> DistributedDataParallel:
@@ -161,19 +166,39 @@ def wrap(module: nn.Module) -> DistributedDataParallel:
     per-task masks and owner ids of weight-level methods would travel every step): training
     normalizes with batch statistics, and the trainer broadcasts rank 0's buffers after every
     epoch."""
+    # DDP's start-up broadcast cannot send int16 buffers (owner ids) over gloo: it skips them;
+    # every rank computes them alike (checked by the trainer after every task), and
+    # broadcast_buffers sends them as int32 after every epoch
+    unsendable = [name for name, buf in module.named_buffers() if buf.dtype in _WIRE_DTYPES]
+    if unsendable:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, unsendable)
     return DistributedDataParallel(module, find_unused_parameters=True, forward_sync_buffers=False)
 
 
 def state_checksum(tensors: dict[str, torch.Tensor], meta: object = None) -> str:
     """SHA-256 (hex) of named tensors (names, dtypes, shapes and bytes, in name order) and of
-    JSON-serializable ``meta``: equal on two ranks iff their states are bitwise equal."""
+    JSON-serializable ``meta``: equal on two ranks iff their states are bitwise equal.
+
+    Wall-clock measurements in ``meta`` (keys ``seconds`` or ending in ``_seconds``, e.g. a
+    method's log of how long each task took) are left out: each rank measures its own clock, and
+    they decide nothing."""
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    h.update(json.dumps(_without_timings(meta), sort_keys=True, default=str).encode())
     return h.hexdigest()
+
+
+def _without_timings(meta: object) -> object:
+    """``meta`` without the values of its keys ``seconds`` / ``*_seconds``, at any depth."""
+    if isinstance(meta, dict):
+        return {k: _without_timings(v) for k, v in meta.items()
+                if not (isinstance(k, str) and (k == "seconds" or k.endswith("_seconds")))}
+    if isinstance(meta, (list, tuple)):
+        return [_without_timings(v) for v in meta]
+    return meta
 
 
 def check_identical(checksum: str, world: World, what: str) -> list[str]:
