@@ -10,8 +10,10 @@ and a constant as each task ends (the value and the gradient are those of the su
 not grow with the number of tasks).
 
 Online EWC (Schwarz et al., "Progress & Compress: A scalable framework for continual learning",
-ICML 2018, Sec. 2.4): one running Fisher F* <- gamma * F* + F_t and one anchor, the parameters
-after the latest task: L(theta) = L_t(theta) + lambda/2 * sum_k F*_k (theta_k - theta*_{t-1},k)^2.
+ICML 2018): one running Fisher F* <- gamma * F* + F_t and one anchor, the parameters after the
+latest task: L(theta) = L_t(theta) + lambda/2 * sum_k F*_k (theta_k - theta*_{t-1},k)^2 (the
+running Fisher enters the penalty as it is, as in Mammoth's ``ewc_on``; gamma = 1 sums the
+Fishers undecayed).
 
 Forgets by design: not an isolation method; the trainer reports its forgetting and BWT.
 """
@@ -43,10 +45,11 @@ class EWCConfig:
     experiment); the default 5000 is FACIL's (Masana et al., "Class-incremental learning: survey
     and performance evaluation", TPAMI 2022; mmasana/FACIL, ``--lamb``), the one common peer
     with a default (Avalanche and Mammoth require a value). CLNP Table 1 quotes 97.0% for EWC on
-    10-task Permuted MNIST. ``ewc_fisher``: ``'empirical'`` uses the training labels (the
-    Fisher "from the task's data", as Avalanche and Mammoth do); ``'true'`` the paper's Fisher
-    information, the expectation over the model's own predictive distribution, computed
-    exactly (one gradient per class and sample, so C times the cost)."""
+    10-task Permuted MNIST. ``ewc_fisher``: ``'empirical'`` uses the training labels (as
+    Avalanche does); ``'true'`` the paper's Fisher information, the expectation over the model's
+    own predictive distribution, computed exactly (one gradient per class and sample, so C
+    times the cost). Either way from per-sample gradients (FACIL and Avalanche square the
+    gradients of whole batches instead)."""
 
     ewc_lambda: float = _opt("strength lambda of the penalty lambda/2 * sum F (theta - theta*)^2", default=5000.0)
     ewc_online: bool = _opt("online EWC (Schwarz et al. 2018): one running Fisher decayed by --ewc-gamma "

@@ -89,9 +89,11 @@ class LwF(Method):
 
     def loss(self, net, x: torch.Tensor, y: torch.Tensor,
              tasks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy of the current task's head plus ``lwf_lambda`` times the distillation of
+        every earlier head (the batch is the current task's, as every training pass of LwF)."""
         if self.old is None:
             return net.task_loss(x, y, tasks)
-        t = int(tasks[0])
+        t = net.num_tasks - 1
         h = net.features(x, t)
         logits = net.head_logits(h, t)
         loss = F.cross_entropy(logits, y)
