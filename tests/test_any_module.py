@@ -199,13 +199,13 @@ def test_a_zoo_of_layer_kinds_forgets_nothing():
 
 
 def test_the_vit_and_mobilenetv2_of_the_model_registry():
-    vit = ContinualNetwork(build("vit", (3, 32, 32), 10, dim=32, depth=2, heads=2, mlp_dim=64))
+    vit = ContinualNetwork(build("vit", (3, 32, 32), 10, width=32, depth=2, heads=2))
     sub = vit.install_subnetworks("masks")
     assert {"cls_token", "pos_embed"} <= set(sub.task_params)  # marked per task by the model
     assert "blocks.1.attn.in_proj_weight" in sub.layers and "blocks.1.attn.out_proj" in sub.layers
     vit.add_head(10)
     assert vit(torch.randn(2, 3, 32, 32), 0).shape == (2, 10)
-    mobile = ContinualNetwork(build("mobilenetv2", (3, 32, 32), 10, width=0.25))
+    mobile = ContinualNetwork(build("mobilenetv2", (3, 32, 32), 10, width=8))
     assert mobile.graph.refusal is None
     dw = [n for n, l in mobile.graph.layers.items() if l.depthwise]
     assert len(dw) == 17 and all(mobile.graph.layers[n].source is None for n in dw)

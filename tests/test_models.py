@@ -29,6 +29,28 @@ def _resnet_body(nf: int) -> int:
     return stem + stages
 
 
+def _vit(d: int = 192, depth: int = 6, m: int = 384, patches: int = 64) -> int:
+    """Patch embedding (4x4 conv, 3 channels) + class token + position embedding (P + 1 rows),
+    per block LN, attention (packed q/k/v 3d x d + 3d, output d x d + d), LN, MLP d→m→d, final
+    LN, head."""
+    block = 2 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + (d * m + m) + (m * d + d)
+    return (3 * 16 * d + d) + d + (patches + 1) * d + depth * block + 2 * d + (d * 10 + 10)
+
+
+def _mobilenetv2() -> int:
+    """Sandler et al. 2018, Table 2 at width 1: bias-free convs + BN (2n), depthwise 3x3 kernels
+    of 9 weights per channel, expansion t, 1x1 projection; 1280-channel 1x1 conv, head."""
+    total, cin = 3 * 32 * 9 + 64, 32
+    for t, c, n, _ in ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+                       (6, 160, 3, 2), (6, 320, 1, 1)):
+        for _ in range(n):
+            hidden = cin * t
+            expand = cin * hidden + 2 * hidden if t != 1 else 0
+            total += expand + (hidden * 9 + 2 * hidden) + (hidden * c + 2 * c)
+            cin = c
+    return total + (320 * 1280 + 2 * 1280) + (1280 * 10 + 10)
+
+
 EXPECTED = {
     # Table 2: four 3x3 convs with bias; 32→16→8 after the two 3x3/2/pad-1 max-pools.
     "clnp-cifar-narrow": (3 * 32 * 9 + 32) + (32 * 32 * 9 + 32) + (32 * 64 * 9 + 64)
@@ -44,6 +66,8 @@ EXPECTED = {
     # kuangliu ResNet-18; 4x4 avg pool → 512, head with bias.
     "resnet18": _resnet_body(64) + 512 * 10 + 10,
     "mlp": 3072 * 2000 + 2000 + 2000 * 2000 + 2000 + 2000 * 10 + 10,
+    "vit": _vit(),
+    "mobilenetv2": _mobilenetv2(),
 }
 LITERAL = {  # the same sums written out, as quoted in the docstrings
     "clnp-cifar-narrow": 2_168_362,
@@ -52,8 +76,11 @@ LITERAL = {  # the same sums written out, as quoted in the docstrings
     "reduced-resnet18": 1_099_540,
     "resnet18": 11_173_962,
     "mlp": 10_168_010,
+    "vit": 1_806_538,
+    "mobilenetv2": 2_236_682,
 }
 CIFAR_MODELS = [name for name in MODELS if name != "mlp"]
+UNIT_GRAPH_MODELS = [name for name in MODELS if name != "vit"]  # the ViT is for the weight-level methods
 
 
 def _params(model: nn.Module) -> int:
@@ -62,7 +89,7 @@ def _params(model: nn.Module) -> int:
 
 def test_registry_names():
     assert list(MODELS) == ["mlp", "clnp-cifar-narrow", "clnp-cifar-wide", "alexnet-like",
-                            "reduced-resnet18", "resnet18"]
+                            "reduced-resnet18", "resnet18", "vit", "mobilenetv2"]
     assert EXPECTED == LITERAL
 
 
@@ -78,7 +105,7 @@ def test_forward_shape_and_parameter_count(name):
     assert MODELS[name]((3, 32, 32), 7)(torch.randn(2, 3, 32, 32)).shape == (2, 7)
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", UNIT_GRAPH_MODELS)
 def test_fx_traces_and_ends_with_a_linear_head(name):
     model = MODELS[name]((3, 32, 32), 10).eval()
     gm = fx.symbolic_trace(model)
@@ -102,7 +129,41 @@ def test_batchnorm_tracks_running_stats_and_dropout_is_a_module(name):
     model = MODELS[name]((3, 32, 32), 10)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert all(m.track_running_stats for m in norms)
-    assert all(m.groups == 1 for m in model.modules() if isinstance(m, nn.Conv2d))
+    # plain or depthwise convolutions only: what the unit graph traces
+    assert all(m.groups in (1, m.in_channels) for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
+def test_mlp_layers_have_names_a_reader_knows():
+    model = mlp((1, 28, 28), (100, 50), 10, dropout=0.1)
+    assert [n for n, _ in model.named_children()] == ["flatten", "fc1", "relu1", "drop1", "fc2", "relu2", "drop2",
+                                                      "head"]
+
+
+def test_vit_layers():
+    """Dosovitskiy et al. 2021 at CIFAR scale: 4x4 patches, class token, pre-norm blocks with
+    nn.MultiheadAttention and GELU, LayerNorm, head on the class token."""
+    model = build("vit", (3, 32, 32), 10)
+    assert model.patch_embed.kernel_size == (4, 4) and model.patch_embed.stride == (4, 4)
+    assert model.pos_embed.shape == (1, 65, 192) and model.cls_token.shape == (1, 1, 192)
+    assert len(model.blocks) == 6 and model.blocks[0].attn.num_heads == 3
+    assert isinstance(model.blocks[0].mlp.act, nn.GELU) and model.blocks[0].mlp.fc1.out_features == 384
+    assert model.sparsecl_per_task == ("cls_token", "pos_embed")
+    small = build("vit", (3, 32, 32), 10, width=64, depth=2)
+    assert small.blocks[0].attn.num_heads == 1 and len(small.blocks) == 2
+    assert _params(small) == _vit(64, 2, 128)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(fx.symbolic_trace(small.eval())(x), small(x))
+
+
+def test_mobilenetv2_layers():
+    model = build("mobilenetv2", (3, 32, 32), 10)
+    assert [b.dw.conv.stride[0] for b in model.blocks] == [1, 1, 1, 2, 1, 1, 2, 1, 1, 1, 1, 1, 1, 2, 1, 1, 1]
+    assert [b.residual for b in model.blocks].count(True) == 10
+    assert model.blocks[0].expand is None and model.blocks[1].expand.conv.out_channels == 96
+    assert all(b.dw.conv.groups == b.dw.conv.in_channels == b.dw.conv.out_channels for b in model.blocks)
+    assert isinstance(model.blocks[1].dw.act, nn.ReLU6) and not hasattr(model.blocks[1].project, "act")
+    quarter = build("mobilenetv2", (3, 32, 32), 10, width=8)  # width multiplier 8/32
+    assert quarter.stem[0].out_channels == 8 and quarter.head.in_features == 1280
 
 
 def test_layer_lists():
@@ -188,6 +249,10 @@ def test_variants():
     ("resnet18", (3, 16, 16), {}, "input_shape"),
     ("mlp", (3, 32, 32), {"hidden": (0,)}, "hidden"),
     ("resnet18", (3, 32, 32), {"depth": 34}, "depth"),
+    ("vit", (3, 30, 30), {}, "patches"),
+    ("vit", (3, 32, 32), {"width": 100, "heads": 3}, "heads"),
+    ("vit", (3, 32, 32), {"depth": 0}, "depth"),
+    ("mobilenetv2", (3, 32, 32), {"width": 0}, "width"),
 ])
 def test_bad_options_raise_config_error_naming_the_option(name, shape, options, option):
     with pytest.raises(ConfigError, match=option):

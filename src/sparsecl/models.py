@@ -402,7 +402,7 @@ class ViT(nn.Module):
 
     The class token and the position embedding are marked per task (``sparsecl_per_task``):
     weight-level methods give every task its own copy, as they do for the LayerNorm parameters
-    and the biases. With the defaults (dim 192, depth 6, 3 heads, MLP 384) and a 10-class head,
+    and the biases. With the defaults (width 192, depth 6, 3 heads, MLP 384) and a 10-class head,
     1,806,538 parameters."""
 
     sparsecl_per_task = ("cls_token", "pos_embed")
@@ -412,7 +412,7 @@ class ViT(nn.Module):
         super().__init__()
         name = "vit"
         shape = _image_shape(input_shape, name)
-        for option, value in (("patch_size", patch_size), ("dim", dim), ("depth", depth), ("heads", heads),
+        for option, value in (("patch_size", patch_size), ("width", dim), ("depth", depth), ("heads", heads),
                               ("mlp_dim", mlp_dim), ("num_classes", num_classes)):
             _positive(option, value, name)
         _rate("dropout", dropout, name)
@@ -420,7 +420,7 @@ class ViT(nn.Module):
             raise ConfigError(f"{name}: input_shape {shape} is not a whole number of {patch_size}x{patch_size} "
                               "patches (patch_size)")
         if dim % heads:
-            raise ConfigError(f"{name}: dim {dim} is not divisible by heads {heads}")
+            raise ConfigError(f"{name}: width {dim} is not divisible by heads {heads}")
         patches = (shape[1] // patch_size) * (shape[2] // patch_size)
         self.patch_embed = nn.Conv2d(shape[0], dim, patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -439,11 +439,15 @@ class ViT(nn.Module):
         return self.head(self.norm(x)[:, 0])
 
 
-def vit(input_shape: Sequence[int] = (3, 32, 32), num_classes: int = 10, *, patch_size: int = 4, dim: int = 192,
-        depth: int = 6, heads: int = 3, mlp_dim: int = 384, dropout: float = 0.0) -> ViT:
-    """``ViT`` (see the class): options ``patch_size`` (4), ``dim`` (192), ``depth`` (6 blocks),
-    ``heads`` (3), ``mlp_dim`` (384), ``dropout`` (0)."""
-    return ViT(input_shape, num_classes, patch_size, dim, depth, heads, mlp_dim, dropout)
+def vit(input_shape: Sequence[int] = (3, 32, 32), num_classes: int = 10, *, width: int = 192, depth: int = 6,
+        heads: int | None = None, mlp_dim: int | None = None, patch_size: int = 4, dropout: float = 0.0) -> ViT:
+    """``ViT`` (see the class): options ``width`` (the embedding size, 192; ``--width``),
+    ``depth`` (6 blocks), ``heads`` (default ``width // 64``, at least 1: 64 features per head),
+    ``mlp_dim`` (default ``2 · width``), ``patch_size`` (4) and ``dropout`` (0; ``--dropout``)."""
+    _positive("width", width, "vit")
+    heads = max(1, width // 64) if heads is None else heads
+    return ViT(input_shape, num_classes, patch_size, width, depth, heads, 2 * width if mlp_dim is None else mlp_dim,
+               dropout)
 
 
 # --- MobileNetV2 (Sandler et al. 2018) at CIFAR scale ---------------------------------------------
@@ -491,37 +495,35 @@ class MobileNetV2(nn.Module):
     """MobileNetV2 ("MobileNetV2: Inverted Residuals and Linear Bottlenecks", Sandler et al.,
     CVPR 2018) for CIFAR-sized images::
 
-        Conv 3x3, 32·w, stride 1 → BN → ReLU6
-        inverted residual stages (t, c, n, s) = MOBILENETV2_STAGES, channels c·w
-        Conv 1x1, max(1280, 1280·w) → BN → ReLU6 → global average pool → Flatten → Dropout → Linear
+        Conv 3x3, 32·m, stride 1 → BN → ReLU6
+        inverted residual stages (t, c, n, s) = MOBILENETV2_STAGES, channels c·m
+        Conv 1x1, max(1280, 1280·m) → BN → ReLU6 → global average pool → Flatten → Dropout → Linear
 
-    ``width`` (w) scales every layer's channels (rounded to multiples of 8); ``dropout`` (0.2)
-    precedes the head. Depthwise convolutions have ``groups = channels``; the neuron-level
-    methods trace each one as coupled with the expansion that feeds it. 2,236,682 parameters
-    with w = 1 and a 10-class head."""
+    ``multiplier`` (m, the paper's width multiplier) scales every layer's channels (rounded to
+    multiples of 8); ``dropout`` precedes the head. Depthwise convolutions have
+    ``groups = channels``; the neuron-level methods trace each one as coupled with the layer that
+    feeds it. 2,236,682 parameters with m = 1 and a 10-class head."""
 
-    def __init__(self, input_shape: Sequence[int], num_classes: int, width: float, dropout: float):
+    def __init__(self, input_shape: Sequence[int], num_classes: int, multiplier: float, dropout: float):
         super().__init__()
         name = "mobilenetv2"
         shape = _image_shape(input_shape, name)
         _positive("num_classes", num_classes, name)
         _rate("dropout", dropout, name)
-        if not width > 0:
-            raise ConfigError(f"{name}: width must be above 0, got {width}")
         size = _Spatial(shape, name)
-        stem = _round_channels(32 * width)
+        stem = _round_channels(32 * multiplier)
         self.stem = _conv_bn(shape[0], stem, 3)
         size.apply("the stem", 3, 1, 1)
         blocks, inp = [], stem
         for t, c, n, s in MOBILENETV2_STAGES:
-            out = _round_channels(c * width)
+            out = _round_channels(c * multiplier)
             for i in range(n):
                 stride = s if i == 0 else 1
                 size.apply(f"a stride-{stride} depthwise convolution", 3, stride, 1)
                 blocks.append(InvertedResidual(inp, out, stride, t))
                 inp = out
         self.blocks = nn.Sequential(*blocks)
-        last = _round_channels(1280 * max(1.0, width))
+        last = _round_channels(1280 * max(1.0, multiplier))
         self.last = _conv_bn(inp, last, 1)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
@@ -533,11 +535,13 @@ class MobileNetV2(nn.Module):
         return self.head(self.drop(self.flatten(self.pool(x))))
 
 
-def mobilenetv2(input_shape: Sequence[int] = (3, 32, 32), num_classes: int = 10, *, width: float = 1.0,
+def mobilenetv2(input_shape: Sequence[int] = (3, 32, 32), num_classes: int = 10, *, width: int = 32,
                 dropout: float = 0.2) -> MobileNetV2:
-    """``MobileNetV2`` (see the class): options ``width`` (channel multiplier, 1.0) and
-    ``dropout`` before the head (0.2)."""
-    return MobileNetV2(input_shape, num_classes, width, dropout)
+    """``MobileNetV2`` (see the class) with the stem's ``width`` channels (32; ``--width``):
+    the width multiplier is ``width / 32`` (``--width 8``: 0.25). ``dropout`` before the head
+    (0.2; ``--dropout``)."""
+    _positive("width", width, "mobilenetv2")
+    return MobileNetV2(input_shape, num_classes, width / 32, dropout)
 
 
 # --- registry -------------------------------------------------------------------------------------
