@@ -269,7 +269,9 @@ def test_missing_files_list_every_path_and_a_hint(tmp_path):
     assert "FashionMNIST" in msg and "train-images-idx3-ubyte" in msg
     assert str(raw / "train-images-idx3-ubyte.gz") in msg and str(raw / "train-images-idx3-ubyte") in msg
     assert "train-labels" not in msg  # the labels were found
-    assert "--data-root" in msg and "SPARSECL_DATA" in msg and "download=True" in msg
+    assert "data_root=" in msg and "SPARSECL_DATA" in msg and "download=True" in msg  # the API's terms
+    cli = info.value.cli_message  # what the sparsecl command prints
+    assert "--data-root" in cli and "--download" in cli and "download=True" not in cli
 
 
 def test_missing_root_lists_both_files(tmp_path):
@@ -297,7 +299,8 @@ def test_resolve_data_root(tmp_path, monkeypatch):
     monkeypatch.delenv("SPARSECL_DATA")
     with pytest.raises(DataNotFoundError) as info:
         resolve_data_root(None)
-    assert "--data-root" in str(info.value) and "SPARSECL_DATA" in str(info.value)
+    assert "data_root argument" in str(info.value) and "SPARSECL_DATA" in str(info.value)
+    assert "--data-root" in info.value.cli_message
     with pytest.raises(DataNotFoundError, match="does not exist"):
         resolve_data_root(tmp_path / "missing")
     monkeypatch.setenv("SPARSECL_DATA", str(tmp_path / "gone"))

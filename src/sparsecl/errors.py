@@ -3,7 +3,20 @@ and says what was expected."""
 
 
 class SparseCLError(Exception):
-    """Base class of every error sparsecl raises on purpose."""
+    """Base class of every error sparsecl raises on purpose.
+
+    The message (``str(exc)``) speaks the Python API's terms (argument names, e.g.
+    ``TrainConfig(lr=...)``); ``cli``, when given, is the same message in the command line's
+    terms (``--lr``), which the ``sparsecl`` command prints instead (:attr:`cli_message`)."""
+
+    def __init__(self, message: str = "", *, cli: str | None = None):
+        super().__init__(message)
+        self.cli = cli
+
+    @property
+    def cli_message(self) -> str:
+        """The message as the command line says it."""
+        return self.cli if self.cli is not None else str(self)
 
 
 class DataError(SparseCLError, ValueError):

@@ -88,10 +88,14 @@ def mean_class_drop(oracle: Sequence[float | None], routed: Sequence[float | Non
 
 def versions() -> dict[str, str]:
     """Versions of what produced a result, recorded in ``metrics.json``."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import numpy
     import torch
 
-    from . import __version__
-
-    return {"sparsecl": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+    try:
+        ours = version("sparsecl")
+    except PackageNotFoundError:  # a source tree that was not installed
+        ours = "0+unknown"
+    return {"sparsecl": ours, "torch": torch.__version__, "numpy": numpy.__version__,
             "python": platform.python_version()}

@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 
 from ..errors import ConfigError, DataFormatError, DataNotFoundError
-from .formats import CIFAR_FOLDERS, cifar_file_names
+from .files import CIFAR_FOLDERS, cifar_file_names
 
 __all__ = ["CIFAR_ARCHIVES", "MIRRORS", "MD5S", "SIZES", "download_cifar", "download_mnist_like", "file_md5"]
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, DataFormatError, DataNotFoundError, SparseCLError
+from .files import CIFAR_DATASETS, CIFAR_FOLDERS, MNIST_LIKE_DATASETS, cifar_file_names, mnist_like_file_names
 
 __all__ = [
     "CIFAR_DATASETS",
@@ -40,9 +41,6 @@ __all__ = [
 
 #: Environment variable naming the data root when no explicit one is given.
 DATA_ENV_VAR = "SPARSECL_DATA"
-
-#: Data sets stored in the MNIST layout.
-MNIST_LIKE_DATASETS = ("MNIST", "FashionMNIST")
 
 # IDX type code -> big-endian numpy dtype
 _IDX_DTYPES: dict[int, np.dtype] = {
@@ -172,12 +170,6 @@ def _parse_idx(path: Path, stream: Any, file_size: int | None) -> np.ndarray:
     return array.astype(dtype.newbyteorder("="))  # copies: writable and native-endian
 
 
-def mnist_like_file_names(train: bool) -> tuple[str, str]:
-    """File names (without ``.gz``) of the images and labels of the train or test split."""
-    prefix = "train" if train else "t10k"
-    return f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
-
-
 def resolve_data_root(data_root: str | os.PathLike | None, *, must_exist: bool = True) -> Path:
     """The data root: ``data_root`` if given, else the ``SPARSECL_DATA`` environment variable.
 
@@ -186,17 +178,18 @@ def resolve_data_root(data_root: str | os.PathLike | None, *, must_exist: bool =
             exist.
     """
     if data_root is not None and str(data_root) != "":
-        root, source = Path(data_root).expanduser(), "the data_root argument (--data-root)"
+        root, source, cli = Path(data_root).expanduser(), "the data_root argument", "--data-root"
     elif os.environ.get(DATA_ENV_VAR):
         root, source = Path(os.environ[DATA_ENV_VAR]).expanduser(), f"the {DATA_ENV_VAR} environment variable"
+        cli = source
     else:
         raise DataNotFoundError(
-            f"no data root: tried the data_root argument (--data-root) and the {DATA_ENV_VAR} "
-            f"environment variable, neither is set"
-        )
+            f"no data root: tried the data_root argument and the {DATA_ENV_VAR} environment variable, neither "
+            "is set", cli=f"no data root: tried --data-root and the {DATA_ENV_VAR} environment variable, neither "
+            "is set")
     if must_exist and not root.is_dir():
         what = "is not a directory" if root.exists() else "does not exist"
-        raise DataNotFoundError(f"{root}: data root from {source} {what}")
+        raise DataNotFoundError(f"{root}: data root from {source} {what}", cli=f"{root}: data root from {cli} {what}")
     return root
 
 
@@ -248,11 +241,12 @@ def load_mnist_like(
         lines = "\n".join(
             f"  {name}[.gz]: looked at " + ", ".join(str(p) for p in looked) for name, looked in missing
         )
+        head = f"{dataset} {'train' if train else 'test'} files missing:\n{lines}\n"
         raise DataNotFoundError(
-            f"{dataset} {'train' if train else 'test'} files missing:\n{lines}\n"
-            f"Point --data-root (or the {DATA_ENV_VAR} environment variable) at the directory that "
-            f"holds {dataset}/raw/, or pass download=True to fetch the files."
-        )
+            head + f"Pass data_root= (or set the {DATA_ENV_VAR} environment variable) with the directory that "
+            f"holds {dataset}/raw/, or download=True to fetch the files.",
+            cli=head + f"Point --data-root (or the {DATA_ENV_VAR} environment variable) at the directory that "
+            f"holds {dataset}/raw/, or pass --download to fetch the files.")
 
     images_path, labels_path = (path for path, _ in found)
     images, labels = read_idx(images_path), read_idx(labels_path)
@@ -276,12 +270,6 @@ def load_mnist_like(
 
 
 # ----------------------------------------------------------------------------- CIFAR
-
-#: Data sets stored in the official CIFAR "python version" layout.
-CIFAR_DATASETS = ("CIFAR10", "CIFAR100")
-
-#: Folder (under the data root) of each CIFAR data set, as extracted from the official archive.
-CIFAR_FOLDERS: dict[str, str] = {"CIFAR10": "cifar-10-batches-py", "CIFAR100": "cifar-100-python"}
 
 _CIFAR_NUM_CLASSES = {"CIFAR10": 10, "CIFAR100": 100}
 _CIFAR_LABEL_KEY = {"CIFAR10": "labels", "CIFAR100": "fine_labels"}
@@ -386,13 +374,6 @@ def read_cifar_pickle(path: str | os.PathLike) -> dict[str, Any]:
     return out
 
 
-def cifar_file_names(dataset: str, train: bool) -> tuple[str, ...]:
-    """Names of the files holding the train or test split of ``dataset`` in its folder."""
-    if dataset == "CIFAR10":
-        return tuple(f"data_batch_{i}" for i in range(1, 6)) if train else ("test_batch",)
-    return ("train",) if train else ("test",)
-
-
 def _check_cifar_dataset(dataset: str) -> None:
     if dataset not in CIFAR_DATASETS:
         raise ConfigError(f"dataset {dataset!r} is not one of {', '.join(CIFAR_DATASETS)}")
@@ -401,13 +382,14 @@ def _check_cifar_dataset(dataset: str) -> None:
 def _cifar_missing_error(dataset: str, folder: Path, missing: list[Path], what: str) -> DataNotFoundError:
     names = ", ".join(cifar_file_names(dataset, True) + cifar_file_names(dataset, False) + (_CIFAR_META[dataset][0],))
     where = "the folder does not exist" if not folder.is_dir() else "missing: " + ", ".join(str(p) for p in missing)
+    head = (f"{dataset} {what} files not found in {folder} ({where}). Expected the official python-version "
+            f"layout <root>/{CIFAR_FOLDERS[dataset]}/ holding {names}, as extracted from the official "
+            f"{_CIFAR_ARCHIVE[dataset]}. ")
     return DataNotFoundError(
-        f"{dataset} {what} files not found in {folder} ({where}). Expected the official python-version "
-        f"layout <root>/{CIFAR_FOLDERS[dataset]}/ holding {names}, as extracted from the official "
-        f"{_CIFAR_ARCHIVE[dataset]}. Point "
-        f"--data-root (or the {DATA_ENV_VAR} environment variable) at the directory that holds "
-        f"{CIFAR_FOLDERS[dataset]}/, or pass download=True (--download) to fetch the archive."
-    )
+        head + f"Pass data_root= (or set the {DATA_ENV_VAR} environment variable) with the directory that holds "
+        f"{CIFAR_FOLDERS[dataset]}/, or download=True to fetch the archive.",
+        cli=head + f"Point --data-root (or the {DATA_ENV_VAR} environment variable) at the directory that holds "
+        f"{CIFAR_FOLDERS[dataset]}/, or pass --download to fetch the archive.")
 
 
 def _labels_array(path: Path, key: str, value: Any, num_classes: int) -> np.ndarray:
