@@ -163,6 +163,17 @@ def main() -> None:
             print(f"  {'':<12} import statement: {origin(ours)}" + (f":{line}" if line else ""))
     if not found:
         print("  none")
+    direct = {}  # third-party modules a sparsecl module imports itself: what the start-up is made of
+    for k, (name, _, seconds) in enumerate(rows):
+        chain = importers(rows, k)
+        if name.split(".")[0] != "sparsecl" and len(chain) > 1 and rows[chain[1]][0].split(".")[0] == "sparsecl":
+            top = name.split(".")[0]
+            if top in loaded and seconds > direct.get(top, ("", 0.0))[1]:
+                direct[top] = (rows[chain[1]][0], seconds)
+    print("\nLargest imports made by sparsecl modules (cumulative; a library counted where it is first imported):")
+    for top, (by, seconds) in sorted(direct.items(), key=lambda kv: -kv[1][1])[:8]:
+        print(f"  {top:<16} {seconds:6.2f} s   by {by}")
+
     if "torch" in loaded:  # needed by every command that trains or loads a model, not by --help
         k = next(i for i, (name, _, _) in enumerate(rows) if name == "torch")
         chain = outermost(rows, importers(rows, k))
