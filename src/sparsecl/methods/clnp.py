@@ -15,12 +15,20 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.fx as fx
 
 from ..errors import ConfigError
 from ..scoring import activation_scores
 from .neuron import NeuronIsolation
 
 log = logging.getLogger(__name__)
+
+THETA_SCANS = ("first-fail", "full")
+THETA_EVALS = ("cached", "plain")
+#: Largest cache of unchanged activations (bytes) the cached θ scan keeps for the whole
+#: validation split; beyond it they are recomputed for every evaluation (still without touching
+#: the weights).
+CACHE_BYTES = 1 << 30
 
 
 def _opt(help: str, **kw):
@@ -57,6 +65,14 @@ class CLNPConfig:
                                    "hidden layer, the default) or 'first' (the first hidden layer: the "
                                    "margin goes to a task's own first-layer units, which later tasks can "
                                    "replace by reading earlier tasks' units)", default=None)
+    theta_scan: str = _opt("'first-fail': raise θ until the first threshold outside the margin, then bisect "
+                           "back; 'full': evaluate every coarse threshold and refine above the highest one "
+                           "within the margin (the paper's 'highest θ within the margin' when validation "
+                           "accuracy is not monotone in θ)", default="first-fail")
+    theta_eval: str = _opt("how a threshold is evaluated: 'cached' (the units' outputs are masked where "
+                           "they are read, and what a threshold cannot change — every layer before the "
+                           "first reader of a scanned layer — is computed once) or 'plain' (prune the "
+                           "weights, measure, roll back); both give the same θ", default="cached")
     finetune_epochs: int = _opt("epochs of fine-tuning the survivors after pruning (paper: 20)", default=0)
     finetune_lr: float = _opt("learning rate of the fine-tuning (paper: 1e-4)", default=1e-4)
     finetune_alpha: str = _opt("L1 coefficient(s) while fine-tuning (paper: 5e-5; default: the "
@@ -89,6 +105,10 @@ class CLNPConfig:
                 raise ConfigError(f"--theta-order must be 'first' or 'last', got '{self.theta_order}'")
             if not self.theta_per_layer:
                 raise ConfigError("--theta-order orders the per-layer θ scan: it needs --theta-per-layer")
+        if self.theta_scan not in THETA_SCANS:
+            raise ConfigError(f"--theta-scan must be one of {', '.join(THETA_SCANS)}, got '{self.theta_scan}'")
+        if self.theta_eval not in THETA_EVALS:
+            raise ConfigError(f"--theta-eval must be one of {', '.join(THETA_EVALS)}, got '{self.theta_eval}'")
         if self.patience is not None and self.patience < 1:
             raise ConfigError(f"--patience must be at least 1, got {self.patience}")
 
@@ -103,7 +123,12 @@ class CLNP(NeuronIsolation):
     tolerates: units whose mean |activation| over the task's training set is ≤ θ are pruned,
     and θ rises (a coarse scan over the sorted scores, then bisection between the last threshold
     within the margin and the first outside it) while the pruned model's validation accuracy
-    stays ≥ v* − m. The model keeping the fewest units wins (ties: higher validation accuracy).
+    stays ≥ v* − m (``theta_scan='full'``: every coarse threshold is evaluated and the bisection
+    starts above the highest one within the margin, since validation accuracy need not fall
+    monotonically in θ). The model keeping the fewest units wins (ties: higher validation
+    accuracy). A threshold is evaluated without touching the weights (``theta_eval='cached'``:
+    the pruned units' outputs are zeroed where they are read, and the layers no scanned unit
+    reaches are computed once per scan), which gives the plain evaluation's accuracy exactly.
     Its survivors become task t's units; the rest are recycled. ``log`` records every grid point
     and the choice.
 
@@ -173,7 +198,7 @@ class CLNP(NeuronIsolation):
                 continue
             if r["state"] is not None:
                 session.rollback(r["state"])
-            r["theta"], r["units"], r["pruned_val_accuracy"] = self._scan(session, floor)
+            r["theta"], r["units"], r["pruned_val_accuracy"] = self._scan(session, floor, r["val_accuracy"])
             r["kept"] = {n: int((self.candidates(n) & ~r["units"][n]).sum()) for n in self.pruned}
             key = (sum(r["kept"].values()), -r["pruned_val_accuracy"])
             if chosen is None or key < chosen[0]:
@@ -219,11 +244,15 @@ class CLNP(NeuronIsolation):
         session.rollback(best_state)
         return best, epochs
 
-    def _scan(self, session, floor: float) -> tuple[float | dict | None, dict[str, torch.Tensor], float]:
+    def _scan(self, session, floor: float, unpruned: float | None = None
+              ) -> tuple[float | dict | None, dict[str, torch.Tensor], float]:
         """Largest θ whose pruned model keeps validation accuracy ≥ ``floor``: one θ for every
         layer, or with ``theta_per_layer`` one per layer, scanned from the last hidden layer to
         the first (``theta_order`` 'first': the reverse), each on top of the layers scanned
         before it, already pruned at their θ.
+
+        ``unpruned``: the validation accuracy of the unpruned model when already measured (the
+        same computation, so the same value).
 
         Returns ``(θ — a float, a dict of per-layer θ, or None when nothing can be pruned —,
         units to prune per layer, validation accuracy of the pruned model)``; the network is
@@ -233,7 +262,29 @@ class CLNP(NeuronIsolation):
         batches = (x for x, _, _ in session.batches(shuffle=False, batch_size=session.config.eval_batch_size))
         scores = activation_scores(net, batches)
         cand = {n: self.candidates(n) for n in self.pruned}
-        state = session.snapshot()
+        units = {n: torch.zeros_like(m) for n, m in cand.items()}
+        layers = [list(cand)] if not self.config.theta_per_layer else \
+            [[n] for n in (list(cand) if self.config.theta_order == "first" else reversed(list(cand)))]
+        thetas = {}
+        acc = unpruned
+        for scanned in layers:
+            if self.config.theta_eval == "plain":
+                val_with = self._plain_evaluator(session, cand)
+            else:
+                val_with = _MaskedAccuracy(session, units, scanned)
+            try:
+                if acc is None:
+                    acc = session.accuracy("val") if self.config.theta_eval == "plain" else val_with(units)
+                theta, units, acc = self._raise_theta(scanned, scores, cand, units, acc, floor, val_with)
+            finally:
+                if isinstance(val_with, _MaskedAccuracy):
+                    val_with.close()
+            thetas[scanned[0]] = theta
+        return (thetas if self.config.theta_per_layer else thetas[layers[0][0]]), units, acc
+
+    def _plain_evaluator(self, session, cand: dict[str, torch.Tensor]):
+        """The plain evaluation: prune the weights, measure, roll back weights and masks."""
+        net, state = session.net, session.snapshot()
 
         def val_with(units: dict[str, torch.Tensor]) -> float:
             self.prune(net, session.t, units)
@@ -241,34 +292,32 @@ class CLNP(NeuronIsolation):
             session.rollback(state)
             self.set_pruned(net, session.t, {n: torch.zeros_like(m) for n, m in cand.items()})
             return acc
-
-        units = {n: torch.zeros_like(m) for n, m in cand.items()}
-        acc = session.accuracy("val")
-        if not self.config.theta_per_layer:
-            theta, units, acc = self._raise_theta(list(cand), scores, cand, units, acc, floor, val_with)
-            return theta, units, acc
-        thetas = {}
-        order = list(cand) if self.config.theta_order == "first" else list(reversed(list(cand)))
-        for name in order:
-            thetas[name], units, acc = self._raise_theta([name], scores, cand, units, acc, floor, val_with)
-        return thetas, units, acc
+        return val_with
 
     def _raise_theta(self, layers, scores, cand, base, base_acc, floor, val_with):
         """Scan one θ over ``layers`` on top of the pruning ``base``: a coarse scan over the
-        sorted scores, then bisection between the last threshold within the margin and the
-        first outside it. Returns ``(θ or None, units, validation accuracy)``."""
+        sorted scores — up to the first threshold outside the margin (``theta_scan``
+        'first-fail') or all of them ('full') —, then bisection between the highest coarse
+        threshold within the margin and the next coarse one. Returns ``(θ or None, units,
+        validation accuracy)``."""
         thresholds = torch.cat([scores[n][cand[n]] for n in layers]).unique()  # sorted ascending
         units = lambda k: {n: base[n] | (cand[n] & (scores[n] <= thresholds[k])) if n in layers  # noqa: E731
                            else base[n] for n in cand}
         n = len(thresholds)
         good, good_acc, bad = -1, base_acc, n
         step = max(1, math.ceil(n / self.config.theta_steps))
-        for k in sorted(set(range(0, n, step)) | ({n - 1} if n else set())):
+        coarse = sorted(set(range(0, n, step)) | ({n - 1} if n else set()))
+        full = self.config.theta_scan == "full"
+        for i, k in enumerate(coarse):
             acc = val_with(units(k))
-            if acc < floor:
+            if acc >= floor:
+                good, good_acc = k, acc
+                bad = coarse[i + 1] if i + 1 < len(coarse) else n
+            elif not full:
                 bad = k
                 break
-            good, good_acc = k, acc
+            elif good < 0:
+                bad = min(bad, k)
         while bad - good > 1:
             mid = (good + bad) // 2
             acc = val_with(units(mid))
@@ -316,3 +365,144 @@ class CLNP(NeuronIsolation):
         else:
             terms.append((net.heads[t].weight, alpha, (1,), None))
         self._penalty = [term for term in terms if term[1] > 0]
+
+
+class _Capture(fx.Interpreter):
+    """Runs a traced body node by node and keeps the values of the nodes in ``keep``."""
+
+    def __init__(self, gm: fx.GraphModule, keep: set[fx.Node]):
+        super().__init__(gm)
+        self.keep, self.kept = keep, {}
+
+    def run_node(self, node: fx.Node):
+        value = super().run_node(node)
+        if node in self.keep:
+            self.kept[node] = value
+        return value
+
+
+class _MaskedAccuracy:
+    """Validation accuracy of task t with some candidate units pruned, computed without touching
+    the weights: a pruned unit's output is replaced by exact zeros where it is read (the input
+    columns of the layers reading it and, for the group the heads read, the features). Pruning
+    zeroes those very columns and outputs, so the logits are the plain scan's: the products are
+    the same up to the sign of an exact zero.
+
+    Only the units of the ``scanned`` groups vary from one call to the next (``base`` is the
+    pruning of the groups scanned before, fixed). Every node of the traced body that no reader
+    of a scanned group reaches is computed once per validation batch and kept (if it fits in
+    ``CACHE_BYTES``; else recomputed each call); each call runs only the rest of the body — the
+    layers from the first reader of a scanned group on — and the head.
+    """
+
+    def __init__(self, session, base: dict[str, torch.Tensor], scanned: list[str]):
+        net = session.net
+        self.net, self.t = net, session.t
+        self.masks = {n: m.clone() for n, m in base.items()}
+        self.batches = [(x, y) for x, y, _ in session.batches(split="val", shuffle=False,
+                                                               batch_size=session.config.eval_batch_size)]
+        gm = net.body
+        readers = {name for name, layer in net.graph.layers.items() if layer.source in scanned}
+        self.head_varies = net.graph.head_source in scanned
+        dirty: set[fx.Node] = set()
+        for node in gm.graph.nodes:
+            if (node.op == "call_module" and node.target in readers) or any(a in dirty for a in node.all_input_nodes):
+                dirty.add(node)
+        output = next(node for node in gm.graph.nodes if node.op == "output")
+        self.frontier: list[fx.Node] = []
+        if output in dirty:
+            seen = set()
+            for node in gm.graph.nodes:
+                if node in dirty:
+                    for a in node.all_input_nodes:
+                        if a not in dirty and a not in seen:
+                            seen.add(a)
+                            self.frontier.append(a)
+            self.rest = self._subgraph(gm, dirty, output)
+            self.keep = set(self.frontier)
+        else:  # the scanned units reach only the heads: the features never change
+            self.rest = None
+            self.keep = {output.args[0]}
+        self._hooks = [net.graph.layers[name].module.register_forward_pre_hook(self._masker(layer))
+                       for name, layer in net.graph.layers.items() if layer.source is not None]
+        self.cache: list[list[torch.Tensor]] | None = None
+        try:
+            self.cache = self._clean_pass()
+        except _TooLarge:
+            self.cache = None
+
+    def _subgraph(self, gm: fx.GraphModule, dirty: set[fx.Node], output: fx.Node) -> fx.GraphModule:
+        """The body from the frontier on: one placeholder per frontier node, then every dirty node."""
+        graph = fx.Graph()
+        env = {node: graph.placeholder(f"kept_{i}") for i, node in enumerate(self.frontier)}
+        for node in gm.graph.nodes:
+            if node in dirty and node is not output:
+                env[node] = graph.node_copy(node, lambda a: env[a])
+        graph.output(fx.map_arg(output.args[0], lambda a: env[a]))
+        return fx.GraphModule(gm, graph)  # shares gm's modules (and their hooks)
+
+    def _masker(self, layer):
+        def hook(module, inputs):
+            pruned = self.masks.get(layer.source)
+            if pruned is None or not pruned.any():
+                return None
+            x = inputs[0]
+            cols = layer.columns(pruned).to(x.device)
+            shape = [1, -1] + [1] * (x.dim() - 2)
+            return (x.masked_fill(cols.view(shape), 0.0),) + tuple(inputs[1:])
+        return hook
+
+    def _kept_values(self, x: torch.Tensor) -> list[torch.Tensor]:
+        capture = _Capture(self.net.body, self.keep)
+        capture.run(x)
+        order = self.frontier if self.rest is not None else list(self.keep)
+        return [capture.kept[node] for node in order]
+
+    @torch.no_grad()
+    def _clean_pass(self) -> list[list[torch.Tensor]]:
+        """The kept values of every validation batch, computed with the base pruning."""
+        was = self.net.training
+        self.net.eval()
+        try:
+            cache, size = [], 0
+            for x, _ in self.batches:
+                values = self._kept_values(x)
+                size += sum(v.numel() * v.element_size() for v in values)
+                if size > CACHE_BYTES:
+                    raise _TooLarge
+                cache.append(values)
+            return cache
+        finally:
+            self.net.train(was)
+
+    @torch.no_grad()
+    def __call__(self, units: dict[str, torch.Tensor]) -> float:
+        net = self.net
+        self.masks = {n: m.clone() for n, m in units.items()}
+        was = net.training
+        net.eval()
+        correct = total = 0
+        try:
+            for i, (x, y) in enumerate(self.batches):
+                if self.cache is None:
+                    h = net.features(x)  # nothing kept: the whole body, masked by the hooks
+                else:
+                    h = self.rest(*self.cache[i]) if self.rest is not None else self.cache[i][0]
+                source = net.graph.head_source
+                if source is not None and self.masks[source].any():
+                    cols = net.graph.head_columns(self.masks[source]).to(h.device)
+                    h = h.masked_fill(cols.view(1, -1), 0.0)
+                correct += int((net.head_logits(h, self.t).argmax(1) == y).sum())
+                total += len(y)
+        finally:
+            net.train(was)
+        return correct / total
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+
+class _TooLarge(Exception):
+    """The kept values of the validation split exceed ``CACHE_BYTES``."""
