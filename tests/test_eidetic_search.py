@@ -22,8 +22,8 @@ def _check_rule(entry):
     for trial in entry["trials"]:
         assert trial["passed"] == (trial["accuracy"] >= trial["threshold"])
     for kept in entry["accepted"]:
-        assert any(t["passed"] and (t["round"], t["steps"], t["pruned"]) == (kept["round"], kept["steps"], kept["pruned"])
-                   for t in entry["trials"])
+        key = (kept["round"], kept["steps"], kept["pruned"])
+        assert any(t["passed"] and (t["round"], t["steps"], t["pruned"]) == key for t in entry["trials"])
     assert sum(k["pruned"] for k in entry["accepted"]) == sum(entry["pruned"].values())
     assert entry["final_accuracy"] >= entry["threshold"]
     assert entry["epochs_trained"] == entry["epochs"] + entry["recovery_epochs"]

@@ -152,17 +152,21 @@ class EideticNets(NeuronIsolation):
     amount trains, and one round decides. An amount is kept only if it passed the rule.
 
     Taylor scores come from the gradients of the last training or recovery epoch
-    (``scoring.TaylorAccumulator``), unless ``fresh_scores`` asks for a scoring pass of their
-    own (the paper's, eval mode, ``score_batches`` of the training set).
+    (``scoring.TaylorAccumulator``; a walk step that passed without recovery is ranked by the
+    epoch before it, minus the units pruned since), unless ``fresh_scores`` asks for a scoring
+    pass of their own (the paper's, eval mode, ``score_batches`` of the training set). L1/L2
+    need no data: a bisect trial of k steps replays the walk's first k steps exactly.
 
     ``log`` holds one entry per task: ``search``, ``stop_on``, ``epochs`` (training epochs before
     pruning), ``recovery_epochs`` (all trained while pruning, those of rolled-back amounts
-    included), ``epochs_trained`` (both), ``rounds``, ``trials`` (every amount tried: round, steps,
-    units pruned, accuracy, the threshold it had to reach, recovery epochs, passed), ``accepted``
-    (the amount each round kept), ``steps`` (the steps the kept pruning spans), ``best_accuracy``, ``threshold``, ``final_accuracy``, ``pruned``/``kept`` units per
-    layer, ``seconds`` (training and pruning) and ``select_seconds`` (pruning). The keys
-    ``best_train_accuracy``/``final_train_accuracy`` repeat the two accuracies under their names
-    from before ``stop_on`` existed.
+    included), ``epochs_trained`` (both), ``rounds`` (the walk: steps kept), ``trials`` (every
+    amount tried: round, steps, units pruned, accuracy, the threshold it had to reach, recovery
+    epochs, passed), ``accepted`` (the amount each round kept), ``steps`` (the steps the kept
+    pruning spans), ``start_accuracy`` and ``best_accuracy`` (``best`` before and after
+    pruning), ``threshold``, ``final_accuracy``, ``pruned``/``kept`` units per layer,
+    ``seconds`` (training and pruning) and ``select_seconds`` (pruning). The keys
+    ``best_train_accuracy``/``final_train_accuracy`` repeat ``best_accuracy``/``final_accuracy``
+    under their names from before ``stop_on`` existed.
     """
 
     name = "eidetic"
@@ -220,7 +224,7 @@ class EideticNets(NeuronIsolation):
         best = self._train_best if cfg.stop_on == "train-running" else self._measure(session)
         limit = {n: math.floor(cfg.max_pruned_ratio * int(self.ledger.free(n).sum())) for n in self.pruned}
         entry = {"task": t, "search": cfg.prune_search, "stop_on": cfg.stop_on, "epochs": epochs,
-                 "best_accuracy": best, "steps": 0, "rounds": 0, "rolled_back": False, "trials": [],
+                 "start_accuracy": best, "steps": 0, "rounds": 0, "rolled_back": False, "trials": [],
                  "accepted": []}
         search = self._walk if cfg.prune_search == "walk" else self._bisect
         best, final = search(session, limit, best, entry)
