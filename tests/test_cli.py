@@ -23,7 +23,8 @@ def test_run_default_benchmark_writes_metrics(tmp_path):
     assert metrics["config"]["method_options"]["patience"] == 2
     assert {"torch", "sparsecl", "python"} <= set(metrics["versions"]) and metrics["seconds"] > 0
     assert "ACC" in result.output and "max logit change 0" in result.output
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.safetensors", "metrics.json"]  # no temporary file
+    assert sorted(p.name for p in out.iterdir()) == ["accuracy_matrix.csv", "checkpoint.safetensors", "history.csv",
+                                                     "metrics.json", "summary.csv"]  # no temporary file
     umask = os.umask(0)
     os.umask(umask)
     assert (out / "metrics.json").stat().st_mode & 0o777 == 0o666 & ~umask
@@ -86,7 +87,7 @@ def test_clnp_single_head_run_then_report(tmp_path):
     assert result.exit_code == 0, result.output
     written = {p.name for p in out.iterdir()}
     assert written == {"metrics.json", "checkpoint.safetensors", "accuracy_matrix.png", "capacity.png",
-                       "reuse.png", "report.md"}
+                       "reuse.png", "report.md", "history.csv", "history.png", "accuracy_matrix.csv", "summary.csv"}
     assert "clnp on split-digits" in (out / "report.md").read_text()
 
 

@@ -4,6 +4,7 @@ head, the exemplar buffer is deterministic and bounded, and on real Split MNIST 
 keeps routed accuracy within 10% of the oracle's."""
 
 import dataclasses
+import re
 import json
 
 import pytest
@@ -219,8 +220,10 @@ def test_routing_needs_one_input_pipeline_and_says_so_before_training():
     ("router_hidden", -1, "--router-hidden must be non-negative, got -1"),
 ])
 def test_bad_routing_options_name_the_option(field, value, match):
-    with pytest.raises(ConfigError, match=match):
+    """The argument in Python, the flag on the command line."""
+    with pytest.raises(ConfigError, match=re.escape(f"TrainConfig({field}=...): {field} ")) as info:
         TrainConfig(**{field: value})
+    assert info.value.cli_message == match
 
 
 def test_real_split_mnist_classifier_routing_keeps_90_percent_of_oracle_accuracy(data_root):

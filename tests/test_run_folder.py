@@ -34,7 +34,8 @@ def test_a_run_without_out_writes_a_default_run_folder(tmp_path):
     assert result.exit_code == 0, result.output
     folders = list((tmp_path / "runs").iterdir())
     assert len(folders) == 1 and folders[0].name.startswith("finetune-split-digits-")
-    assert {p.name for p in folders[0].iterdir()} == {CHECKPOINT_NAME, "metrics.json"}
+    assert {p.name for p in folders[0].iterdir()} == {CHECKPOINT_NAME, "metrics.json", "history.csv",
+                                                      "accuracy_matrix.csv", "summary.csv"}
     ckpt = str(Path("runs") / folders[0].name / CHECKPOINT_NAME)
     lines = result.output.splitlines()
     assert ckpt in lines[0] and ckpt in lines[-1]  # named when the run starts and when it ends
@@ -52,7 +53,8 @@ def test_a_folder_of_another_run_is_refused_and_overwrite_replaces_it(tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing touched
     result = _cli("run", *FAST, "--seed", "1", "--out", out, "--overwrite")
     assert result.exit_code == 0, result.output
-    assert {p.name for p in out.iterdir()} == {CHECKPOINT_NAME, "metrics.json"}  # the old report is gone
+    assert {p.name for p in out.iterdir()} == {CHECKPOINT_NAME, "metrics.json", "history.csv", "accuracy_matrix.csv",
+                                               "summary.csv"}  # the old report is gone
     assert json.loads((out / "metrics.json").read_text())["config"]["seed"] == 1
 
 

@@ -77,10 +77,13 @@ def test_task_loss_mixes_tasks_with_their_own_heads():
 
 
 def test_bad_options_are_refused_with_the_option_named():
-    with pytest.raises(ConfigError, match="--optimizer must be one of adam, adamw, sgd"):
+    """In the API's terms (the argument), and in the command line's (the flag) for the CLI."""
+    with pytest.raises(ConfigError, match=r"TrainConfig\(optimizer=...\): optimizer must be one of adam, adamw, sgd") as info:
         TrainConfig(optimizer="rmsprop")
-    with pytest.raises(ConfigError, match="--batch-size must be at least 1"):
+    assert info.value.cli_message.startswith("--optimizer must be one of adam, adamw, sgd")
+    with pytest.raises(ConfigError, match=r"TrainConfig\(batch_size=...\): batch_size must be at least 1") as info:
         TrainConfig(batch_size=0)
+    assert info.value.cli_message == "--batch-size must be at least 1, got 0"
     with pytest.raises(ConfigError, match="--prune-step"):
         EideticConfig(prune_step=0)
     with pytest.raises(ConfigError, match="--score must be one of"):
@@ -107,5 +110,6 @@ def test_a_network_that_already_learned_tasks_is_refused():
 
 
 def test_unknown_device_is_a_config_error():
-    with pytest.raises(ConfigError, match="--device must be a torch device"):
+    with pytest.raises(ConfigError, match=r"TrainConfig\(device=...\): device must be a torch device") as info:
         TrainConfig(device="foo")
+    assert info.value.cli_message.startswith("--device must be a torch device")

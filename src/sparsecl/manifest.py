@@ -95,7 +95,7 @@ def _error(bad: _Bad, path: Path) -> CheckpointError:
 def _validate_spec(spec: Any) -> None:
     from .data.benchmarks import BENCHMARKS
     from .methods import METHODS
-    from .trainer import TrainConfig
+    from .config import TrainConfig
 
     spec = _dict("spec", spec)
     for key in ("stream", "model", "method"):
@@ -131,6 +131,11 @@ def _validate_spec(spec: Any) -> None:
         _num("spec.model.dropout", model.get("dropout"), 0.0, 1.0)
     if not isinstance(model.get("single_head"), bool):
         _fail("spec.model.single_head", "true or false", model.get("single_head"))
+    if model.get("init_weights") is not None:  # --init-weights: where the initial weights came from
+        init = _dict("spec.model.init_weights", model["init_weights"])
+        for k in ("path", "sha256"):
+            if not isinstance(init.get(k), str):
+                _fail(f"spec.model.init_weights.{k}", "a string", init.get(k))
     if spec["method"] not in METHODS:
         _fail("spec.method", f"one of {', '.join(sorted(METHODS))}", spec["method"])
     for k, v in _dict("spec.method_options", spec.get("method_options", {})).items():
@@ -138,7 +143,7 @@ def _validate_spec(spec: Any) -> None:
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     for k, v in _dict("spec.train", spec.get("train", {})).items():
         f = f"spec.train.{k}"
-        if k not in fields or k in ("device", "progress"):
+        if k not in fields or k in ("device", "progress", "loss"):
             _fail(f, "absent (not a saved training option)")
         kind = str(fields[k].type)
         if kind == "int":

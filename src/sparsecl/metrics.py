@@ -99,3 +99,47 @@ def versions() -> dict[str, str]:
         ours = "0+unknown"
     return {"sparsecl": ours, "torch": torch.__version__, "numpy": numpy.__version__,
             "python": platform.python_version()}
+
+
+#: Tables written beside ``metrics.json``, read with ``pandas.read_csv`` as they are.
+ACCURACY_MATRIX_NAME = "accuracy_matrix.csv"
+SUMMARY_NAME = "summary.csv"
+
+
+def write_run_tables(folder, metrics: dict) -> list:
+    """Write ``accuracy_matrix.csv`` (a row per task learned, ``after_task``, and a column per
+    task, ``task_0``..., test accuracy as a fraction, empty where not measured) and
+    ``summary.csv`` (one row: method, benchmark, tasks, acc, bwt, forgetting, max_logit_change,
+    seconds, the routed ACC when routing was on, and ``capacity_<layer>`` after the last task)
+    from a run's ``metrics.json`` content, atomically, into ``folder``; returns both paths."""
+    import csv
+    import io
+    from pathlib import Path
+
+    from .atomic import write_atomic
+
+    def cell(v):
+        return "" if v is None else v
+
+    R = metrics["accuracy_matrix"]
+    text = io.StringIO()
+    out = csv.writer(text, lineterminator="\n")
+    out.writerow(["after_task"] + [f"task_{i}" for i in range(len(R))])
+    for t, row in enumerate(R):
+        out.writerow([t] + [cell(a) for a in row])
+    summary = {"method": metrics["method"], "benchmark": metrics["benchmark"], "tasks": len(R),
+               "acc": metrics["acc"], "bwt": cell(metrics["bwt"]), "forgetting": cell(metrics["forgetting"]),
+               "max_logit_change": metrics["max_logit_change"], "seconds": metrics["seconds"]}
+    if metrics.get("routing"):
+        summary[f"routed_acc_{metrics['routing']['mode']}"] = cell(metrics["routing"].get("acc"))
+    for name, used in metrics.get("capacity", {}).items():
+        summary[f"capacity_{name}"] = cell(used[-1] if used else None)
+    text2 = io.StringIO()
+    writer = csv.DictWriter(text2, list(summary), lineterminator="\n")
+    writer.writeheader()
+    writer.writerow(summary)
+    folder = Path(folder)
+    paths = [folder / ACCURACY_MATRIX_NAME, folder / SUMMARY_NAME]
+    for path, body in zip(paths, (text.getvalue(), text2.getvalue())):
+        write_atomic(path, lambda f, body=body: f.write(body.encode("utf-8")))
+    return paths

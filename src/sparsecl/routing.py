@@ -42,6 +42,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -50,12 +51,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import metrics
+from .config import ROUTING_MODES
 from .data.types import TaskData
-from .errors import CheckpointError, ConfigError, DivergenceError
+from .errors import CheckpointError, ConfigError, DivergenceError, ForgettingError
+from .evaluation import predict
 from .network import ContinualNetwork
 
 #: ``--routing`` values: ``oracle`` (task id given: task-incremental only), ``classifier``, ``entropy``.
-ROUTING_MODES = ("oracle", "classifier", "entropy")
 
 
 def _generator(*key) -> torch.Generator:
@@ -623,3 +625,69 @@ class RoutingRecord:
                        list(meta["seconds"]), router)
         except (KeyError, TypeError) as exc:
             raise CheckpointError(f"the checkpoint's routing record is incomplete ({type(exc).__name__}: {exc})") from None
+
+
+class RoutingEvaluator:
+    """Task-agnostic evaluation after every task, an evaluator of the task loop
+    (``sparsecl.evaluation``): in ``classifier`` mode, refit the task router on the kept samples
+    of the tasks seen so far and check on the probe batches that its units leave every task's
+    logits bitwise as they are; then route every seen task's test set. The record lives in
+    ``state.routing`` (:class:`RoutingRecord`), saved with the run's checkpoint. Draws from no
+    RNG that the rest of the run uses."""
+
+    def __init__(self, config, method):
+        self.config, self.method = config, method
+
+    def begin(self, benchmark, state) -> None:
+        """Check that routing can run on the benchmark (one input pipeline) before any training,
+        and start its record; steps measured with another routing (a saved run extended with
+        ``--from``) are kept as ``None``.
+
+        Raises:
+            ConfigError: the method computes each task's features with its own subnetwork, or
+                the tasks' input pipelines differ."""
+        cfg = self.config
+        if cfg.routing == "oracle":
+            state.routing = None
+            return
+        if self.method.features_per_task:
+            raise ConfigError(f"--routing {cfg.routing} routes each sample through one shared feature pass; "
+                              f"method '{self.method.name}' computes each task's features with its own "
+                              "subnetwork: use --routing oracle")
+        common_prepare(benchmark.tasks)
+        buffer = cfg.router_buffer if cfg.routing == "classifier" else None
+        rec = state.routing
+        if rec is None or (rec.mode, rec.buffer_per_task) != (cfg.routing, buffer) or len(rec.rows) != state.tasks_done:
+            n = state.tasks_done
+            state.routing = RoutingRecord(cfg.routing, buffer, [None] * n, [None] * n, [], [None] * n)
+
+    def after_task(self, net: ContinualNetwork, benchmark, t: int, state) -> None:
+        """Route after task t (its oracle row is measured already).
+
+        Raises:
+            ForgettingError: the task router's units changed a task's logits."""
+        cfg, rec = self.config, state.routing
+        if rec is None:
+            return
+        start = time.perf_counter()
+        seen = benchmark.tasks[: t + 1]
+        routing_net = net
+        if cfg.routing == "classifier":
+            free = free_units_of(self.method) if cfg.router_free_units else None
+            rec.router = fit_router(net, seen, ExemplarBuffer(cfg.router_buffer, cfg.seed), cfg.router_epochs,
+                                    cfg.router_lr, cfg.batch_size, cfg.seed, cfg.device, cfg.router_hidden,
+                                    free, cfg.eval_batch_size)
+            routing_net = rec.router.install(net)
+            if routing_net is not net:  # the router's units must not reach any task's logits
+                for i, (px, _) in enumerate(state.probes):
+                    now = predict(routing_net, px, i, cfg.eval_batch_size, cfg.device, seen[i].prepare).cpu()
+                    logits = predict(net, px, i, cfg.eval_batch_size, cfg.device, seen[i].prepare).cpu()
+                    if not torch.equal(now, logits):
+                        raise ForgettingError(
+                            f"the task router's units changed the logits of task {i} (largest absolute change "
+                            f"{float((now - logits).abs().max()):g}); a task reads a unit no task owns")
+        result = evaluate_routing(routing_net, seen, cfg.routing, rec.router, cfg.eval_batch_size, cfg.device)
+        rec.rows.append(result.routed)
+        rec.routing_rows.append(result.routing)
+        rec.per_class = result.per_class
+        rec.seconds.append(time.perf_counter() - start)

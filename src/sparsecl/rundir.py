@@ -26,8 +26,10 @@ from .errors import RunFolderError
 LOCK_NAME = ".sparsecl.lock"
 DEFAULT_PARENT = Path("runs")
 #: Files a run or its report writes: what makes a folder "another run's".
-RUN_FILES = (CHECKPOINT_NAME, "metrics.json", "report.md", "accuracy_matrix.png", "capacity.png", "reuse.png",
-             "routing.png")
+RUN_FILES = (CHECKPOINT_NAME, "metrics.json", "history.csv", "accuracy_matrix.csv", "summary.csv", "report.md",
+             "accuracy_matrix.png", "capacity.png", "reuse.png", "routing.png", "bits.png", "history.png")
+#: Folders a run writes (TensorBoard event files, ``--tensorboard``).
+RUN_DIRS = ("tensorboard",)
 
 
 def default_run_folder(method: str, benchmark: str, parent: Path = DEFAULT_PARENT) -> Path:
@@ -43,7 +45,8 @@ def default_run_folder(method: str, benchmark: str, parent: Path = DEFAULT_PAREN
 
 def run_files(folder: Path) -> list[Path]:
     """The run files (:data:`RUN_FILES`) present in ``folder``."""
-    return [folder / n for n in RUN_FILES if (folder / n).exists() or (folder / n).is_symlink()]
+    files = [folder / n for n in RUN_FILES if (folder / n).exists() or (folder / n).is_symlink()]
+    return files + [folder / n for n in RUN_DIRS if (folder / n).is_dir() and not (folder / n).is_symlink()]
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
@@ -97,7 +100,12 @@ class RunFolder:
                         f"{option} {path} holds another run's files ({names}); continue that run with "
                         f"--resume {path}, write this one to a new folder, or pass --overwrite to delete them first")
                 for p in present:
-                    p.unlink()
+                    if p.is_dir() and not p.is_symlink():
+                        import shutil
+
+                        shutil.rmtree(p)
+                    else:
+                        p.unlink()
         except BaseException:
             folder.close(remove_if_empty=created)
             raise

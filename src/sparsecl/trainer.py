@@ -4,129 +4,46 @@ far, and verify that earlier tasks' logits did not move (DESIGN §2.1)."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import math
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from . import distributed, metrics
+from .config import OPTIMIZERS, TrainConfig, check_device
 from .data.augment import random_crop_flip
 from .data.types import Benchmark, LazyTasks, TaskData, task_header
 from .distributed import World
 from .errors import CheckpointError, ConfigError, DataError, DivergenceError, ForgettingError
+from .evaluation import accuracy, as_float, predict
+from .evaluators import default_evaluators
+from .loggers import PHASES, Callback, CallbackList, HistoryRecorder, HistoryRow, TaskSummary
 from .methods.base import Method
 from .network import ContinualNetwork
-from .routing import (ROUTING_MODES, ExemplarBuffer, RoutingRecord, common_prepare, evaluate_routing, fit_router,
-                      free_units_of)
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
+if TYPE_CHECKING:
+    from .routing import RoutingRecord
 
-
-@dataclass
-class TrainConfig:
-    """Options of the task loop shared by every method.
-
-    ``epochs`` is the training budget per task (for EideticNets, the cap of training before
-    pruning); ``lr``, ``weight_decay`` and ``momentum`` configure ``optimizer`` (``momentum`` is
-    SGD's; Adam/AdamW use their default betas). ``probe_size`` test samples per task are kept to
-    verify zero forgetting bitwise.
-
-    ``routing``: besides the task-incremental accuracy matrix (task id given, ``"oracle"``),
-    evaluate task-agnostic inference after every task (``sparsecl.routing``): ``"classifier"``,
-    EideticNets' task classifier, retrained after every task for ``router_epochs`` epochs (Adam,
-    ``router_lr``; a Linear head, or an MLP head with ``router_hidden`` hidden units) on at most
-    ``router_buffer`` kept training samples *per task* (so this mode keeps data of earlier
-    tasks), with units of its own in the capacity no task owns when ``router_free_units`` and the
-    method keeps a unit ledger (else a head on the frozen features); or ``"entropy"``, the head
-    with the lowest softmax entropy (keeps no data). Routing draws from generators of its own
-    and never changes the network: the task-incremental results are the same bit for bit
-    whatever ``routing`` is.
-    """
-
-    epochs: int = 10
-    batch_size: int = 256
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.0
-    seed: int = 0
-    eval_batch_size: int = 1024
-    probe_size: int = 256
-    device: str = "cpu"
-    progress: bool = False
-    routing: str = "oracle"
-    router_buffer: int = 200
-    router_epochs: int = 20
-    router_lr: float = 1e-3
-    router_hidden: int = 0
-    router_free_units: bool = True
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):  # API callers (and saved specs) get the CLI's checks, by argument name
-            value, kind = getattr(self, f.name), str(f.type)
-            where = f"--{f.name.replace('_', '-')} (TrainConfig.{f.name})"
-            if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ConfigError(f"{where} must be an integer, got {value!r}")
-            if kind == "float":
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise ConfigError(f"{where} must be a number, got {value!r}")
-                if not math.isfinite(value):
-                    raise ConfigError(f"{where} must be a finite number, got {value}")
-            if kind == "bool" and not isinstance(value, bool):
-                raise ConfigError(f"{where} must be True or False, got {value!r}")
-            if kind == "str" and not isinstance(value, str):
-                raise ConfigError(f"{where} must be a string, got {value!r}")
-        if self.routing not in ROUTING_MODES:
-            raise ConfigError(f"--routing must be one of {', '.join(ROUTING_MODES)}, got '{self.routing}'")
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got '{self.optimizer}'")
-        for name in ("epochs", "batch_size", "eval_batch_size", "probe_size", "router_buffer", "router_epochs"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        check_device(self.device)
-        for name in ("lr", "weight_decay", "momentum", "router_hidden"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be non-negative, got {getattr(self, name)}")
-        if not self.router_lr > 0:
-            raise ConfigError(f"--router-lr must be above 0, got {self.router_lr}")
-
-
-def check_device(device: str, option: str = "--device") -> None:
-    """Refuse a device this build of torch cannot use (``cuda`` on a CPU build, a missing GPU
-    index) with one line, instead of the error of the first tensor moved there.
-
-    Raises:
-        ConfigError: naming ``option`` and the device.
-    """
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"{option} must be a torch device such as cpu or cuda, got '{device}'") from None
-    if dev.type == "cpu":
-        return
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise ConfigError(f"{option} {device}: {why}; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"{option} {device}: there are {torch.cuda.device_count()} CUDA device(s), "
-                              f"0..{torch.cuda.device_count() - 1}")
-        return
-    try:
-        torch.empty(1, device=dev)
-    except (RuntimeError, AssertionError) as exc:
-        raise ConfigError(f"{option} {device}: torch cannot use this device here "
-                          f"({' '.join(str(exc).split())[:160]})") from None
+__all__ = ["OPTIMIZERS", "RunResult", "RunState", "TaskSession", "TrainConfig", "Trainer", "accuracy", "as_float",
+           "check_device", "check_task", "make_optimizer", "predict", "training_step"]
 
 
 def make_optimizer(params: Sequence[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer of a task: the one ``config.optimizer`` names, or what its factory returns.
+
+    Raises:
+        ConfigError: the factory did not return a ``torch.optim.Optimizer``."""
+    if callable(config.optimizer):
+        optimizer = config.optimizer(params)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError(f"TrainConfig(optimizer=...): the factory must return a torch.optim.Optimizer "
+                              f"built on the parameters it is given, got {type(optimizer).__name__}")
+        return optimizer
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     if config.optimizer == "adamw":
@@ -134,10 +51,34 @@ def make_optimizer(params: Sequence[nn.Parameter], config: TrainConfig) -> torch
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
-def as_float(x: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels 0..255 → float32 in [0, 1]; float input is returned unchanged. The input
-    pipeline of a task without normalization (``TaskData.prepare`` with ``normalize=None``)."""
-    return x.float().div_(255.0) if x.dtype == torch.uint8 else x
+@contextmanager
+def loss_function(net: ContinualNetwork, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None):
+    """While the block runs, ``net.task_loss`` (what every method's loss starts from) uses
+    ``loss(logits, labels)`` instead of cross-entropy; ``None`` changes nothing. A batch holding
+    several tasks' samples gets each task's loss weighted by its share of the batch."""
+    if loss is None:
+        yield
+        return
+
+    def task_loss(x: torch.Tensor, y: torch.Tensor, tasks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = tasks.unique().tolist()
+        if len(ids) == 1:
+            logits = net.head_logits(net.features(x, ids[0]), ids[0])
+            return loss(logits, y), logits.argmax(1) == y
+        total = x.new_zeros((), dtype=torch.float32)
+        correct = torch.empty_like(y, dtype=torch.bool)
+        for t in ids:
+            sel = tasks == t
+            logits = net.head_logits(net.features(x[sel], t), t)
+            total = total + loss(logits, y[sel]) * (int(sel.sum()) / len(y))
+            correct[sel] = logits.argmax(1) == y[sel]
+        return total, correct
+
+    net.__dict__["task_loss"] = task_loss  # an instance attribute shadows the method for the block only
+    try:
+        yield
+    finally:
+        net.__dict__.pop("task_loss", None)
 
 
 def _seeded_generator(*key) -> torch.Generator:
@@ -175,39 +116,6 @@ def training_step(net: ContinualNetwork, method: Method, optimizer: torch.optim.
     return loss.detach(), correct
 
 
-@torch.no_grad()
-def predict(net: ContinualNetwork, x: torch.Tensor, task: int, batch_size: int, device: str,
-            prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """Logits of task ``task`` for every row of ``x``, in eval mode; shape ``(N, num_classes)``.
-
-    ``prepare`` turns a stored batch (on ``device``) into the network's input: pass the task's
-    ``TaskData.prepare`` so that its normalization is applied; ``None`` is :func:`as_float`
-    (pixels scaled to [0, 1], nothing else), right for tasks without normalization only."""
-    prepare = prepare or as_float
-    was_training = net.training
-    net.eval()
-    out = [net(prepare(x[i:i + batch_size].to(device)), task) for i in range(0, len(x), batch_size)]
-    net.train(was_training)
-    return torch.cat(out) if out else torch.empty(0)
-
-
-def accuracy(net: ContinualNetwork, x: torch.Tensor, y: torch.Tensor, task: int,
-             batch_size: int, device: str, prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
-             world: World | None = None) -> float:
-    """Fraction of ``x`` classified as ``y`` by task ``task``'s head (eval mode); ``prepare`` as
-    in :func:`predict` (pass the task's ``TaskData.prepare``). With ``world``, each rank
-    measures its shard and the correct counts are summed: every rank returns the same value."""
-    if len(x) == 0:
-        raise ConfigError(f"cannot measure accuracy of task {task} on an empty set")
-    if world is None:
-        return int((predict(net, x, task, batch_size, device, prepare).argmax(1).cpu() == y).sum()) / len(x)
-    part = distributed.shard(len(x), world)
-    correct = 0
-    if part.stop > part.start:
-        correct = int((predict(net, x[part], task, batch_size, device, prepare).argmax(1).cpu() == y[part]).sum())
-    return float(distributed.all_reduce_sum(torch.tensor(correct, dtype=torch.float64), world)) / len(x)
-
-
 @dataclass
 class EpochStats:
     loss: float
@@ -232,7 +140,7 @@ class TaskSession:
     method's decisions are the same everywhere."""
 
     def __init__(self, net: ContinualNetwork, method: Method, t: int, seen: list[TaskData],
-                 config: TrainConfig, progress: Progress | None, world: World | None = None):
+                 config: TrainConfig, callbacks: Callback | None = None, world: World | None = None):
         self.net, self.method, self.t, self.seen, self.config = net, method, t, seen, config
         self.task = seen[t]
         self.world = world
@@ -243,8 +151,37 @@ class TaskSession:
         self._forward = None if world is None else distributed.wrap(MethodLoss(net, method))
         self._passes = 0  # shuffled passes so far: the DistributedSampler's epoch
         self.epochs_trained = 0
-        self._progress = progress
+        self._callbacks = callbacks if callbacks is not None else Callback()
+        self._phase = "train"
+        self._phase_epochs: dict[str, int] = {}
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    @contextmanager
+    def phase(self, name: str):
+        """The epochs trained (and steps reported) inside the block belong to phase ``name`` of
+        the task in the run history: ``"train"`` (the default outside any block), ``"recovery"``
+        (retraining after a pruning step), ``"finetune"``, ``"theta-scan"``.
+
+        Raises:
+            ConfigError: ``name`` is not one of ``sparsecl.loggers.PHASES``."""
+        if name not in PHASES:
+            raise ConfigError(f"session.phase('{name}'): the phase must be one of {', '.join(PHASES)}")
+        before, self._phase = self._phase, name
+        try:
+            yield self
+        finally:
+            self._phase = before
+
+    def _next_epoch(self, phase: str) -> int:
+        self._phase_epochs[phase] = self._phase_epochs.get(phase, 0) + 1
+        return self._phase_epochs[phase]
+
+    def report(self, accuracy: float, loss: float | None = None, seconds: float = 0.0) -> None:
+        """Record a step of the current phase that trained nothing (e.g. one threshold of a θ
+        scan, measured on the validation split) as a row of the run history."""
+        self._callbacks.on_epoch_end(HistoryRow(self.t, self._phase, self._next_epoch(self._phase),
+                                                None if loss is None else float(loss), float(accuracy),
+                                                float(self.optimizer.param_groups[0]["lr"]), float(seconds)))
 
     def batches(self, tasks: Sequence[TaskData] | None = None, split: str = "train",
                 shuffle: bool = True, batch_size: int | None = None,
@@ -321,18 +258,20 @@ class TaskSession:
                                     torch.cat(ys), torch.cat(ids))
         return self._cache[key]
 
-    def train_epoch(self, tasks: Sequence[TaskData] | None = None) -> EpochStats:
-        """One pass over the training data of ``tasks`` (default: the current task)."""
+    def train_epoch(self, tasks: Sequence[TaskData] | None = None, phase: str | None = None) -> EpochStats:
+        """One pass over the training data of ``tasks`` (default: the current task); a row of
+        the run history, of ``phase`` (default: the current :meth:`phase`)."""
+        if phase is not None:
+            with self.phase(phase):
+                return self.train_epoch(tasks)
+        started = time.perf_counter()
         self.net.train()
         total_loss = torch.zeros(())
         correct = seen = offset = 0
-        batches = self.batches(tasks)
-        bar = None
-        if self._progress is not None:
-            n = sum(len(t.train_y) for t in (tasks or [self.task]))
-            bar = self._progress.add_task(f"task {self.t} epoch {self.epochs_trained + 1}",
-                                          total=-(-n // self.config.batch_size))
-        for step, (x, y, ids) in enumerate(batches, 1):
+        n = sum(len(t.train_y) for t in (tasks or [self.task]))
+        epoch = self._next_epoch(self._phase)
+        self._callbacks.on_epoch_start(self.t, self._phase, epoch, -(-n // self.config.batch_size))
+        for step, (x, y, ids) in enumerate(self.batches(tasks), 1):
             loss, ok = training_step(self.net, self.method, self.optimizer, x, y, ids, self._forward)
             n, hits = len(y), int(ok.sum())
             if self.world is not None:  # every rank sees the global loss, so all stop together
@@ -341,21 +280,23 @@ class TaskSession:
             if not torch.isfinite(loss):
                 # Stop here, before a non-finite unit could reach an earlier task through an exact
                 # zero weight (0 * nan = nan) and be mistaken for forgetting.
-                raise DivergenceError(
-                    f"task {self.t}: the training loss became {float(loss)} at step {step} of epoch "
-                    f"{self.epochs_trained + 1}; the task was stopped (a checkpoint written after the "
-                    "last completed task is intact); lower --lr or check the data")
+                what = (f"task {self.t}: the training loss became {float(loss)} at step {step} of epoch "
+                        f"{self.epochs_trained + 1}; the task was stopped (a checkpoint written after the "
+                        "last completed task is intact)")
+                raise DivergenceError(what + "; lower the learning rate (TrainConfig(lr=...) or your optimizer's) "
+                                      "or check the data", cli=what + "; lower --lr or check the data")
             total_loss += loss.cpu() * n
             correct += hits
             seen += n
-            if bar is not None:
-                self._progress.advance(bar)
-        if bar is not None:
-            self._progress.remove_task(bar)
+            self._callbacks.on_batch_end(self.t)
         if self.world is not None:
             distributed.broadcast_buffers(self.net, self.world)
         self.epochs_trained += 1
-        return EpochStats(float(total_loss) / seen, correct / seen)
+        stats = EpochStats(float(total_loss) / seen, correct / seen)
+        self._callbacks.on_epoch_end(HistoryRow(self.t, self._phase, epoch, stats.loss, stats.accuracy,
+                                                float(self.optimizer.param_groups[0]["lr"]),
+                                                time.perf_counter() - started))
+        return stats
 
     def _global_step_stats(self, loss: torch.Tensor, ok: torch.Tensor, offset: int) -> tuple[torch.Tensor, int, int]:
         """``(mean loss, correct, samples)`` of a step over all ranks; the sampler's padded
@@ -366,8 +307,9 @@ class TaskSession:
                                                         dtype=torch.float64), self.world)
         return (total[0] / total[2]).float(), int(total[1]), int(total[2])
 
-    def fit(self, epochs: int, tasks: Sequence[TaskData] | None = None) -> list[EpochStats]:
-        return [self.train_epoch(tasks) for _ in range(epochs)]
+    def fit(self, epochs: int, tasks: Sequence[TaskData] | None = None, phase: str | None = None) -> list[EpochStats]:
+        """``epochs`` training epochs (:meth:`train_epoch`), of ``phase`` (default: the current one)."""
+        return [self.train_epoch(tasks, phase) for _ in range(epochs)]
 
     def accuracy(self, split: str = "train", max_samples: int | None = None) -> float:
         """Accuracy of the current task on ``split`` ('train', 'val' or 'test'), eval mode, over
@@ -395,7 +337,12 @@ class TaskSession:
 
 @dataclass
 class RunResult:
-    """What a run produced; ``to_dict`` is the content of ``metrics.json``."""
+    """What a run produced; ``to_dict`` is the content of ``metrics.json``.
+
+    ``network``: the trained ``ContinualNetwork`` (a head per task; ``network(x, t)`` gives
+    task t's logits for inputs prepared as the task's ``TaskData.prepare`` does), ``None`` for
+    a result rebuilt from a file; ``history``: one :class:`~sparsecl.loggers.HistoryRow` per
+    epoch and phase of the tasks learned by this call (neither is part of ``to_dict``)."""
 
     accuracy_matrix: list[list[float | None]]
     max_logit_change: float
@@ -408,6 +355,8 @@ class RunResult:
     benchmark_info: dict = field(default_factory=dict)
     routing: dict | None = None  # RoutingRecord.to_dict(): task-agnostic results, when routing is on
     bits_per_parameter: dict[str, list[float]] = field(default_factory=dict)  # Method.storage per task
+    network: ContinualNetwork | None = field(default=None, repr=False, compare=False)
+    history: list[HistoryRow] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def acc(self) -> float:
@@ -492,7 +441,11 @@ class RunState:
         except KeyError as exc:
             raise CheckpointError(f"the checkpoint lacks the probe tensor {exc} of an earlier task") from None
         change = meta["max_change"]
-        routing = None if meta.get("routing") is None else RoutingRecord.from_checkpoint(tensors, meta["routing"])
+        routing = None
+        if meta.get("routing") is not None:
+            from .routing import RoutingRecord
+
+            routing = RoutingRecord.from_checkpoint(tensors, meta["routing"])
         return cls([list(r) for r in meta["rows"]], probes, meta["capacity"], meta["reuse"],
                    list(meta["seconds"]), math.inf if change == "inf" else float(change), routing,
                    {k: list(v) for k, v in meta.get("bits", {}).items()})
@@ -544,21 +497,37 @@ class Trainer:
     probe batch with those recorded when that task ended. Any difference is reported as
     ``max_logit_change``; for a method with ``isolates = True`` it raises ``ForgettingError``.
 
+    ``callbacks``: what reports the run while it learns (``sparsecl.loggers``: the run history,
+    TensorBoard; ``sparsecl.console``: progress bars); ``config.progress`` adds a console
+    progress bar. ``evaluators``: evaluations run after every task besides the accuracy matrix
+    (``sparsecl.evaluators``); by default those ``config`` asks for (``routing``).
+
     ``world``: this process's place in a data-parallel run launched by torchrun
     (``sparsecl.distributed``); ``None`` trains in one process. After every task the ranks'
     networks, method states and ledgers are compared by checksum (``DistributedStateError`` if
     they differ).
     """
 
-    def __init__(self, method: Method, config: TrainConfig | None = None, world: World | None = None):
+    def __init__(self, method: Method, config: TrainConfig | None = None, world: World | None = None,
+                 callbacks: Sequence[Callback] = (), evaluators: Sequence | None = None):
+        if not isinstance(method, Method):
+            raise ConfigError(f"Trainer(method=...): expected a sparsecl Method (e.g. EideticNets(EideticConfig())), "
+                              f"got {type(method).__name__}")
+        if config is not None and not isinstance(config, TrainConfig):
+            raise ConfigError(f"Trainer(config=...): expected a TrainConfig, got {type(config).__name__}")
         self.method = method
         self.config = config or TrainConfig()
         self.world = world
+        self.callbacks = list(callbacks)
+        self.evaluators = list(evaluators) if evaluators is not None else default_evaluators(self.config, method)
 
     def fit(self, model: nn.Module | ContinualNetwork, benchmark: Benchmark, state: RunState | None = None,
             on_task_end: Callable[[ContinualNetwork, RunState], None] | None = None) -> RunResult:
-        """Learn the benchmark's tasks in order and return the run's results.
+        """Learn the benchmark's tasks in order and return the run's results, the trained
+        network among them (``RunResult.network``).
 
+        ``model``: an ``nn.Module`` (a copy of it is trained, with a head per task: ``model``
+        itself is left as it is) or an untrained ``ContinualNetwork`` (trained in place).
         ``state`` continues a run: ``model`` is then the restored ``ContinualNetwork`` with a
         head for each of the ``state.tasks_done`` tasks already learned, the method was restored
         (``setup`` and ``load_state``), and learning resumes with task ``state.tasks_done``.
@@ -571,6 +540,9 @@ class Trainer:
             DivergenceError: the training loss became non-finite.
         """
         cfg, method = self.config, self.method
+        if not isinstance(benchmark, Benchmark):
+            raise ConfigError(f"Trainer.fit(benchmark=...): expected a sparsecl Benchmark (load_benchmark(...) or "
+                              f"Benchmark.from_datasets(...)), got {type(benchmark).__name__}")
         if benchmark.num_tasks == 0:
             raise ConfigError(f"benchmark '{benchmark.name}' has no tasks")
         if state is None:
@@ -578,6 +550,8 @@ class Trainer:
                 raise ConfigError(f"the network already has heads for {model.num_tasks} tasks; Trainer.fit "
                                   "starts from an untrained network (pass the nn.Module itself) unless "
                                   "it is given the RunState to continue")
+            if not isinstance(model, nn.Module):
+                raise ConfigError(f"Trainer.fit(model=...): expected a torch.nn.Module, got {type(model).__name__}")
             torch.manual_seed(cfg.seed)
             net = model if isinstance(model, ContinualNetwork) else ContinualNetwork(model)
             net.to(cfg.device)
@@ -600,85 +574,59 @@ class Trainer:
                 raise ConfigError(f"single head: task {t} ('{head.name}') has "
                                   f"{head.num_classes} classes but the shared output layer "
                                   f"has {net.head_weight.shape[0]}; every task needs the same number")
-        self._begin_routing(benchmark, state)
-        progress = _progress() if cfg.progress else None
-        with progress or nullcontext():
-            for t in range(state.tasks_done, T):
-                task = benchmark.tasks[t]
-                if lazy:
-                    check_task(task, t)
-                start = time.perf_counter()
-                net.add_head(task.num_classes)
-                method.begin_task(net, t, task)
-                session = TaskSession(net, method, t, benchmark.tasks[: t + 1], cfg, progress, self.world)
-                method.train_task(session)
-                method.end_task(session)
-                self._record(net, benchmark, t, state)
-                if state.routing is not None:
-                    self._record_routing(net, benchmark, t, state.routing, state.probes)
-                if self.world is not None:
-                    self._check_ranks(net, t)
-                state.seconds.append(time.perf_counter() - start)
-                if progress is not None:
-                    row = " ".join(f"{a:.3f}" for a in state.rows[t])
-                    progress.console.log(f"task {t} done in {state.seconds[-1]:.1f}s; accuracy {row}")
-                    if state.routing is not None:
-                        routed = " ".join(f"{a:.3f}" for a in state.routing.rows[t])
-                        progress.console.log(f"task {t}: routed ({cfg.routing}) accuracy {routed}")
-                if on_task_end is not None:
-                    on_task_end(net, state)
-        return RunResult(state.matrix(T), state.max_change, state.capacity, state.seconds, asdict(cfg),
+        for evaluator in self.evaluators:
+            evaluator.begin(benchmark, state)
+        history = HistoryRecorder()
+        callbacks = [history, *self.callbacks]
+        if cfg.progress:
+            from .console import ConsoleProgress
+
+            if not any(isinstance(c, ConsoleProgress) for c in callbacks):
+                callbacks.append(ConsoleProgress())
+        report = CallbackList(callbacks)
+        report.on_run_start(T, state.tasks_done)
+        try:
+            with loss_function(net, cfg.loss):
+                for t in range(state.tasks_done, T):
+                    self._learn_task(net, benchmark, t, state, report)
+                    if on_task_end is not None:
+                        on_task_end(net, state)
+        finally:
+            report.on_run_end()
+        return RunResult(state.matrix(T), state.max_change, state.capacity, state.seconds, cfg.describe(),
                          state.reuse, method.name, benchmark.name, dict(benchmark.info),
-                         None if state.routing is None else state.routing.to_dict(T), state.bits)
+                         None if state.routing is None else state.routing.to_dict(T), state.bits,
+                         network=net, history=history.rows)
 
-    def _begin_routing(self, benchmark: Benchmark, state: RunState) -> None:
-        """Check that routing can run on the benchmark (one input pipeline) before any training,
-        and start its record; steps measured with another routing (a saved run extended with
-        ``--from``) are kept as ``None``."""
-        cfg = self.config
-        if cfg.routing == "oracle":
-            state.routing = None
-            return
-        if self.method.features_per_task:
-            raise ConfigError(f"--routing {cfg.routing} routes each sample through one shared feature pass; "
-                              f"method '{self.method.name}' computes each task's features with its own "
-                              "subnetwork: use --routing oracle")
-        common_prepare(benchmark.tasks)
-        buffer = cfg.router_buffer if cfg.routing == "classifier" else None
-        rec = state.routing
-        if rec is None or (rec.mode, rec.buffer_per_task) != (cfg.routing, buffer) or len(rec.rows) != state.tasks_done:
-            n = state.tasks_done
-            state.routing = RoutingRecord(cfg.routing, buffer, [None] * n, [None] * n, [], [None] * n)
-
-    def _record_routing(self, net: ContinualNetwork, benchmark: Benchmark, t: int, rec: RoutingRecord,
-                        probes: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Task-agnostic evaluation after task t, in addition to the oracle one: refit the task
-        router (classifier mode) on the kept samples of tasks 0..t and check on the probe batches
-        that its units leave every task's logits bitwise as they are, then route every seen
-        task's test set. Draws from no RNG that the rest of the run uses."""
-        cfg = self.config
+    def _learn_task(self, net: ContinualNetwork, benchmark: Benchmark, t: int, state: RunState,
+                    report: Callback) -> None:
+        """Task t: train it through the method's hooks, measure, evaluate, report."""
+        cfg, method = self.config, self.method
+        task = benchmark.tasks[t]
+        if isinstance(benchmark.tasks, LazyTasks):
+            check_task(task, t)
         start = time.perf_counter()
-        seen = benchmark.tasks[: t + 1]
-        routing_net = net
-        if cfg.routing == "classifier":
-            free = free_units_of(self.method) if cfg.router_free_units else None
-            rec.router = fit_router(net, seen, ExemplarBuffer(cfg.router_buffer, cfg.seed), cfg.router_epochs,
-                                    cfg.router_lr, cfg.batch_size, cfg.seed, cfg.device, cfg.router_hidden,
-                                    free, cfg.eval_batch_size)
-            routing_net = rec.router.install(net)
-            if routing_net is not net:  # the router's units must not reach any task's logits
-                for i, (px, _) in enumerate(probes):
-                    now = predict(routing_net, px, i, cfg.eval_batch_size, cfg.device, seen[i].prepare).cpu()
-                    logits = predict(net, px, i, cfg.eval_batch_size, cfg.device, seen[i].prepare).cpu()
-                    if not torch.equal(now, logits):
-                        raise ForgettingError(
-                            f"the task router's units changed the logits of task {i} (largest absolute change "
-                            f"{float((now - logits).abs().max()):g}); a task reads a unit no task owns")
-        result = evaluate_routing(routing_net, seen, cfg.routing, rec.router, cfg.eval_batch_size, cfg.device)
-        rec.rows.append(result.routed)
-        rec.routing_rows.append(result.routing)
-        rec.per_class = result.per_class
-        rec.seconds.append(time.perf_counter() - start)
+        report.on_task_start(t, task.name, -(-len(task.train_y) // cfg.batch_size))
+        net.add_head(task.num_classes)
+        method.begin_task(net, t, task)
+        session = TaskSession(net, method, t, benchmark.tasks[: t + 1], cfg, report, self.world)
+        method.train_task(session)
+        method.end_task(session)
+        self._record(net, benchmark, t, state)
+        for evaluator in self.evaluators:
+            evaluator.after_task(net, benchmark, t, state)
+        if self.world is not None:
+            self._check_ranks(net, t)
+        state.seconds.append(time.perf_counter() - start)
+        reuse = method.reuse(net)
+        units = {name: (counts["owned"], counts["units"]) for name, counts in reuse.items()
+                 if "owned" in counts and "units" in counts}
+        routed = None
+        if state.routing is not None and state.routing.rows and state.routing.rows[-1] is not None:
+            routed = list(state.routing.rows[-1])
+        report.on_task_end(TaskSummary(t, task.name, benchmark.num_tasks, list(state.rows[t]),
+                                       {name: used[-1] for name, used in state.capacity.items()}, units,
+                                       state.seconds[-1], routed))
 
     def _check_ranks(self, net: ContinualNetwork, t: int) -> None:
         """Every rank must hold the same network (parameters and buffers), method state and
@@ -750,8 +698,3 @@ def check_stream_length(method: Method, num_tasks: int) -> None:
     if limit is not None and num_tasks > limit:
         raise ConfigError(f"method '{method.name}' can learn at most {limit} tasks, but the stream has "
                           f"{num_tasks} (--tasks); use at most --tasks {limit}")
-
-
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), transient=True)

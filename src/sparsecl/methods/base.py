@@ -12,12 +12,14 @@
 and, around every optimizer step of every training epoch, ``loss``, ``before_step`` and
 ``after_step``. A method never reaches into the trainer: everything it may do while learning a
 task (train an epoch, measure accuracy, snapshot and roll back) goes through the
-``TaskSession`` it is handed.
+``TaskSession`` it is handed (:class:`TaskSession`, the contract; its epochs are rows of the run
+history, in the phase the method names with ``session.phase("recovery")``).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Iterator
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -25,7 +27,44 @@ from torch import nn
 if TYPE_CHECKING:
     from ..data.types import TaskData
     from ..network import ContinualNetwork
-    from ..trainer import TaskSession
+
+
+class TaskSession(Protocol):
+    """What a method may use while it learns task ``t`` (the trainer's ``TaskSession`` is one):
+    the network, the task and the tasks seen so far, the run's ``TrainConfig``, the task's
+    optimizer, and these services. Declared here so that methods depend on this contract, not
+    on the trainer."""
+
+    net: "ContinualNetwork"
+    t: int
+    task: "TaskData"
+    seen: Sequence["TaskData"]
+    config: Any  # sparsecl.config.TrainConfig
+    optimizer: torch.optim.Optimizer
+    world: Any  # sparsecl.distributed.World, or None in one process
+    epochs_trained: int
+
+    def batches(self, tasks: Sequence["TaskData"] | None = None, split: str = "train", shuffle: bool = True,
+                batch_size: int | None = None, augment: bool | None = None
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]: ...
+
+    def train_epoch(self, tasks: Sequence["TaskData"] | None = None, phase: str | None = None) -> Any: ...
+
+    def fit(self, epochs: int, tasks: Sequence["TaskData"] | None = None, phase: str | None = None) -> list: ...
+
+    def phase(self, name: str) -> AbstractContextManager: ...
+
+    def report(self, accuracy: float, loss: float | None = None, seconds: float = 0.0) -> None: ...
+
+    def accuracy(self, split: str = "train", max_samples: int | None = None) -> float: ...
+
+    def set_lr(self, lr: float) -> None: ...
+
+    def scale_lr(self, factor: float) -> None: ...
+
+    def snapshot(self) -> Any: ...
+
+    def rollback(self, state: Any) -> None: ...
 
 
 class Method:

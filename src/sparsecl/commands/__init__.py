@@ -1,0 +1,1 @@
+"""The commands of ``sparsecl`` (``sparsecl.cli``), one module each, imported when used."""

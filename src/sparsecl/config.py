@@ -1,0 +1,177 @@
+"""The task loop's options (:class:`TrainConfig`), one set of defaults for the Python API and the
+command line (``sparsecl run`` reads its flags' defaults from here).
+
+Importing this module imports neither torch nor any method, so that ``sparsecl --help`` stays
+fast; torch is imported when a config checks its device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+#: The optimizers named by a string (``TrainConfig(optimizer="adamw")``, ``--optimizer adamw``).
+OPTIMIZERS = ("adam", "adamw", "sgd")
+#: How the task of a test sample is known: given (``oracle``), or inferred (``sparsecl.routing``).
+ROUTING_MODES = ("oracle", "classifier", "entropy")
+
+#: ``params -> optimizer``: e.g. ``lambda params: torch.optim.RAdam(params, lr=1e-3, weight_decay=0.01)``.
+OptimizerFactory = Callable[[Iterable["torch.nn.Parameter"]], "torch.optim.Optimizer"]
+#: ``(logits (N, C), labels (N,)) -> mean loss (a scalar tensor)``, e.g. ``torch.nn.CrossEntropyLoss(label_smoothing=0.1)``.
+LossFunction = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _bad(name: str, text: str) -> ConfigError:
+    """A bad field, said in the API's terms (``TrainConfig(lr=...)``) and the command line's (``--lr``)."""
+    return ConfigError(f"TrainConfig({name}=...): {name} {text}", cli=f"{_flag(name)} {text}")
+
+
+@dataclass
+class TrainConfig:
+    """Options of the task loop shared by every method.
+
+    ``epochs`` is the training budget per task (for EideticNets, the cap of training before
+    pruning); ``batch_size`` the training batch (under data-parallel training, the global one).
+
+    ``optimizer``: ``"adam"``, ``"adamw"`` or ``"sgd"``, configured by ``lr``, ``weight_decay``
+    and ``momentum`` (SGD's; Adam/AdamW use their default betas) — or your own factory, a
+    callable ``params -> torch.optim.Optimizer`` (e.g. ``lambda p: torch.optim.RAdam(p,
+    lr=1e-3, weight_decay=0.01)``), called once per task with the parameters the method lets
+    that task train; ``lr`` is then only what methods that scale the learning rate start from
+    when they set it. Zero forgetting holds under any optimizer: frozen entries are written
+    back after every step, whatever the optimizer did to them.
+
+    ``loss``: ``None`` (cross-entropy) or a callable ``(logits (N, C), labels (N,)) -> scalar``
+    mean loss over the batch, e.g. ``torch.nn.CrossEntropyLoss(label_smoothing=0.1)``; methods
+    add their own terms (penalties, distillation) to it.
+
+    ``probe_size`` test samples per task are kept to verify zero forgetting bitwise.
+    ``progress``: a progress bar per task on the console (the command line's default).
+
+    ``routing``: besides the task-incremental accuracy matrix (task id given, ``"oracle"``),
+    evaluate task-agnostic inference after every task (``sparsecl.routing``): ``"classifier"``,
+    EideticNets' task classifier, retrained after every task for ``router_epochs`` epochs (Adam,
+    ``router_lr``; a Linear head, or an MLP head with ``router_hidden`` hidden units) on at most
+    ``router_buffer`` kept training samples *per task* (so this mode keeps data of earlier
+    tasks), with units of its own in the capacity no task owns when ``router_free_units`` and the
+    method keeps a unit ledger (else a head on the frozen features); or ``"entropy"``, the head
+    with the lowest softmax entropy (keeps no data). Routing draws from generators of its own
+    and never changes the network: the task-incremental results are the same bit for bit
+    whatever ``routing`` is.
+
+    Raises:
+        ConfigError: a field of the wrong type or out of range; the message names the argument
+            (``TrainConfig(lr=...)``), and its ``cli_message`` the flag (``--lr``).
+    """
+
+    epochs: int = 20
+    batch_size: int = 64
+    optimizer: Any = "adam"  # a name of OPTIMIZERS or an OptimizerFactory
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    seed: int = 0
+    eval_batch_size: int = 1024
+    probe_size: int = 256
+    device: str = "cpu"
+    progress: bool = False
+    routing: str = "oracle"
+    router_buffer: int = 200
+    router_epochs: int = 20
+    router_lr: float = 1e-3
+    router_hidden: int = 0
+    router_free_units: bool = True
+    loss: Any = None  # None (cross-entropy) or a LossFunction
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # API callers (and saved specs) get the CLI's checks, by argument name
+            value, kind = getattr(self, f.name), str(f.type)
+            if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+                raise _bad(f.name, f"must be an integer, got {value!r}")
+            if kind == "float":
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise _bad(f.name, f"must be a number, got {value!r}")
+                if not math.isfinite(value):
+                    raise _bad(f.name, f"must be a finite number, got {value}")
+            if kind == "bool" and not isinstance(value, bool):
+                raise _bad(f.name, f"must be True or False, got {value!r}")
+            if kind == "str" and not isinstance(value, str):
+                raise _bad(f.name, f"must be a string, got {value!r}")
+        if self.routing not in ROUTING_MODES:
+            raise _bad("routing", f"must be one of {', '.join(ROUTING_MODES)}, got '{self.routing}'")
+        if isinstance(self.optimizer, str):
+            if self.optimizer not in OPTIMIZERS:
+                raise _bad("optimizer", f"must be one of {', '.join(OPTIMIZERS)}, got '{self.optimizer}'")
+        elif not callable(self.optimizer):
+            raise ConfigError(f"TrainConfig(optimizer=...): optimizer must be one of {', '.join(OPTIMIZERS)} or a "
+                              f"callable params -> torch.optim.Optimizer, got {self.optimizer!r}")
+        if self.loss is not None and not callable(self.loss):
+            raise ConfigError(f"TrainConfig(loss=...): loss must be None (cross-entropy) or a callable "
+                              f"(logits, labels) -> scalar loss, got {self.loss!r}")
+        for name in ("epochs", "batch_size", "eval_batch_size", "probe_size", "router_buffer", "router_epochs"):
+            if getattr(self, name) < 1:
+                raise _bad(name, f"must be at least 1, got {getattr(self, name)}")
+        check_device(self.device, api="TrainConfig(device=...): device")
+        for name in ("lr", "weight_decay", "momentum", "router_hidden"):
+            if getattr(self, name) < 0:
+                raise _bad(name, f"must be non-negative, got {getattr(self, name)}")
+        if not self.router_lr > 0:
+            raise _bad("router_lr", f"must be above 0, got {self.router_lr}")
+
+    def describe(self) -> dict:
+        """The fields as JSON-serializable values (a custom optimizer or loss by its name), for
+        ``metrics.json``."""
+        out = dataclasses.asdict(self)
+        for name in ("optimizer", "loss"):
+            value = out[name]
+            if value is not None and not isinstance(value, str):
+                out[name] = "custom: " + getattr(value, "__qualname__", type(value).__qualname__)
+        if out["loss"] is None:
+            del out["loss"]
+        return out
+
+
+def check_device(device: str, option: str = "--device", api: str | None = None) -> None:
+    """Refuse a device this build of torch cannot use (``cuda`` on a CPU build, a missing GPU
+    index) with one line, instead of the error of the first tensor moved there.
+
+    Raises:
+        ConfigError: naming ``api`` (default: ``option``) and the device; its ``cli_message``
+            names ``option``.
+    """
+    import torch
+
+    def bad(text: str, hint: str = "") -> ConfigError:
+        if api is None:
+            return ConfigError(f"{option} {text}{hint}")
+        return ConfigError(f"{api} {text}{hint.replace('use --device', 'use device=')}", cli=f"{option} {text}{hint}")
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise bad(f"must be a torch device such as cpu or cuda, got '{device}'") from None
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise bad(f"{device}: {why}", "; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise bad(f"{device}: there are {torch.cuda.device_count()} CUDA device(s), "
+                      f"0..{torch.cuda.device_count() - 1}")
+        return
+    try:
+        torch.empty(1, device=dev)
+    except (RuntimeError, AssertionError) as exc:
+        raise bad(f"{device}: torch cannot use this device here ({' '.join(str(exc).split())[:160]})") from None
