@@ -376,3 +376,25 @@ def test_attention_heads_are_refused_for_neuron_level_methods_with_the_reason():
         trace(Attention())
     for fragment in ("module 'attn'", "query, key and value rows", "out_proj", "single rows", "weight-level method"):
         assert fragment in str(err.value)
+
+
+def test_a_tinysubnets_transformer_round_trips_through_the_compact_form(tmp_path):
+    """The compact file (codebook indices, entropy-coded masks, per-task tensors: LayerNorm,
+    attention biases, the class token) runs every task bitwise as the trained network."""
+    from sparsecl.compact import read_compact, write_compact
+    from sparsecl.runs import RunSpec
+
+    bench = token_benchmark()
+    torch.manual_seed(0)
+    net = ContinualNetwork(TinyTransformer())
+    method = TinySubNets(TinySubNetsConfig(density=0.3, prune_rounds=2, max_levels=16))
+    Trainer(method, TrainConfig(epochs=2, batch_size=16)).fit(net, bench)
+    spec = RunSpec([], {"name": "tiny-transformer", "options": {}, "single_head": False}, "tinysubnets")
+    compact = write_compact(tmp_path / "t.compact", net, method.codebooks, spec, (6,))
+    back, _ = read_compact(tmp_path / "t.compact", model=TinyTransformer())
+    assert method.codebooks and compact.bits_per_parameter()["total"] < 32
+    net.eval()
+    with torch.no_grad():
+        for t in range(3):
+            x = bench.tasks[t].test_x
+            assert torch.equal(back(x, t), net(x, t))

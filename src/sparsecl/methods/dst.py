@@ -2,7 +2,8 @@
 with Dynamic Sparse Training: Exploring Algorithms for Effective Model Updates", CPAL 2024; paper
 002 and its code, muratonuryildirim/CL-with-DST).
 
-Each task starts a sparse random mask at density d = 1 - sparsity over the free weights and,
+Each task starts a sparse random mask at density d = 1 - sparsity over the free weights (from task
+1 on re-initialized, Kaiming uniform; task 0 keeps the network's initial or pretrained values) and,
 with ``reuse_frozen``, the frozen weights of earlier tasks (reused, never changed), with per-layer
 densities from ERK or uniform. Every ``update_interval`` steps, per layer, the smallest-magnitude
 *trainable* active weights are dropped (a fraction cosine-decayed from ``drop_fraction`` to
