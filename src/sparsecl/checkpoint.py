@@ -104,3 +104,47 @@ def load_checkpoint(path: Path) -> Checkpoint:
     if _digest(text, tensors) != digest:
         raise bad("the SHA-256 of its manifest and tensors does not match the one recorded when it was written")
     return Checkpoint(path, manifest, tensors)
+
+
+def save_network(net, path: Path, info: dict | None = None) -> Path:
+    """Save a trained ``ContinualNetwork`` (e.g. ``RunResult.network``) to ``path`` (safetensors,
+    atomically): its ``state_dict`` and its ``structure()`` (heads, widened layers, subnetworks),
+    plus ``info`` (JSON-serializable, yours). Read it back with :func:`load_network` and the
+    same model class.
+
+    Raises:
+        OutputError: the file cannot be written."""
+    from .errors import OutputError
+
+    manifest = {"network": net.structure(), "tasks_done": net.num_tasks, "info": info or {}}
+    tensors = {f"net.{k}": v for k, v in net.state_dict().items()}
+    try:
+        return save_checkpoint(Path(path), manifest, tensors)
+    except OSError as exc:
+        raise OutputError(f"cannot write the network to {path} ({exc.strerror or exc})") from None
+
+
+def load_network(model, path: Path):
+    """The ``ContinualNetwork`` saved in ``path`` by :func:`save_network` (or the network of a
+    run's checkpoint, ``RUN_DIR/checkpoint.safetensors``), rebuilt around ``model`` — an
+    untrained instance of the same ``nn.Module`` class and shape — with every task's head,
+    in eval mode. ``net(x, t)`` then gives task t's logits, bitwise those of the saved network
+    on the same device.
+
+    Raises:
+        CheckpointError: the file is missing or corrupt, holds no network, or does not fit
+            ``model`` (the message names the tensors)."""
+    from .errors import ConfigError
+    from .network import ContinualNetwork
+
+    ckpt = load_checkpoint(path)
+    structure = ckpt.manifest.get("network", ckpt.manifest.get("structure"))
+    if not isinstance(structure, dict):
+        raise CheckpointError(f"{ckpt.path} holds no network (it was not written by save_network or a run)")
+    try:
+        net = ContinualNetwork.restore(model, structure)
+        net.load_state_dict(ckpt.group("net"))
+    except (RuntimeError, KeyError, IndexError, TypeError, ConfigError) as exc:
+        raise CheckpointError(f"{ckpt.path} does not fit the model given to load_network "
+                              f"({type(model).__name__}): {' '.join(str(exc).split())[:400]}") from None
+    return net.eval()

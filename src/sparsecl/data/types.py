@@ -218,3 +218,118 @@ class Benchmark:
     @property
     def num_tasks(self) -> int:
         return len(self.tasks)
+
+    @classmethod
+    def from_datasets(cls, tasks: Sequence[Any], name: str = "datasets", *, val_fraction: float = 0.1,
+                      seed: int = 0, normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+                      augment: bool = False) -> "Benchmark":
+        """A benchmark of your own data: one entry of ``tasks`` per task, in order, each a dict
+        ``{"train": ..., "test": ..., "val": ... (optional), "name": ... (optional)}`` or a tuple
+        ``(train, test)`` / ``(train, val, test)``. A split is any map-style
+        ``torch.utils.data.Dataset`` whose items are ``(x, y)`` (``x`` a tensor or array of the
+        input shape, ``y`` an integer label), or a pair of tensors ``(x (N, ...), y (N,))``.
+
+        The splits are read once into memory. Labels may be any integers: each task's classes
+        (the sorted labels of its splits) become the task-local classes ``0 .. C-1`` of its head,
+        the originals kept in ``TaskData.classes``. Without a ``val`` split, a seeded
+        ``val_fraction`` of the training samples is held out for validation (``seed`` and the
+        task's index draw it). Inputs: ``uint8`` pixels 0..255 are scaled to [0, 1] when a batch
+        is prepared, floating-point inputs are used as they are, other integer inputs are
+        converted to float32; ``normalize`` (``(mean, std)`` per channel) and ``augment``
+        (random crop + flip of training batches, images only) apply to every task.
+
+        Raises:
+            ConfigError: a task or split of the wrong form, an item that is not ``(x, y)``,
+                inputs of different shapes, an empty train or test split, or ``val_fraction``
+                outside [0, 1); the message names the task and split (``tasks[1]['train']``).
+        """
+        if not isinstance(val_fraction, (int, float)) or isinstance(val_fraction, bool) or not 0 <= val_fraction < 1:
+            raise ConfigError(f"Benchmark.from_datasets(val_fraction=...): must be in [0, 1), got {val_fraction!r}")
+        if isinstance(tasks, (dict, str)) or len(tasks) == 0:
+            raise ConfigError("Benchmark.from_datasets(tasks=...): expected a non-empty list with one entry per task")
+        built: list[TaskData] = []
+        for i, entry in enumerate(tasks):
+            built.append(_task_from_splits(i, entry, val_fraction, seed, normalize, augment))
+            if built[-1].train_x.shape[1:] != built[0].train_x.shape[1:]:
+                raise ConfigError(f"Benchmark.from_datasets: tasks[{i}] has inputs of shape "
+                                  f"{tuple(built[-1].train_x.shape[1:])}, tasks[0] of "
+                                  f"{tuple(built[0].train_x.shape[1:])}; every task needs the same input shape")
+        info = {"source": "datasets", "val_fraction": val_fraction, "seed": seed,
+                "sizes": [{"train": len(t.train_y), "val": len(t.val_y), "test": len(t.test_y)} for t in built]}
+        return cls(name, built, tuple(built[0].train_x.shape[1:]), info)
+
+
+def _split_tensors(where: str, split: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)`` of a split given as a pair of tensors or a map-style dataset of ``(x, y)`` items."""
+    if isinstance(split, (tuple, list)) and len(split) == 2 and all(isinstance(t, torch.Tensor) for t in split):
+        x, y = split
+    else:
+        if not (hasattr(split, "__len__") and hasattr(split, "__getitem__")):
+            raise ConfigError(f"Benchmark.from_datasets: {where} must be a map-style torch Dataset (with __len__ "
+                              f"and __getitem__) or a pair of tensors (x, y), got {type(split).__name__}")
+        xs, ys = [], []
+        for j in range(len(split)):
+            item = split[j]
+            if not isinstance(item, (tuple, list)) or len(item) < 2:
+                raise ConfigError(f"Benchmark.from_datasets: {where}[{j}] must be an (x, y) pair, got "
+                                  f"{type(item).__name__}")
+            xs.append(torch.as_tensor(item[0]))
+            ys.append(int(item[1]))
+        if not xs:
+            return torch.empty(0), torch.empty(0, dtype=torch.int64)
+        shapes = {tuple(x.shape) for x in xs}
+        if len(shapes) > 1:
+            raise ConfigError(f"Benchmark.from_datasets: the inputs of {where} have different shapes "
+                              f"{sorted(shapes)[:3]}; every x must have the same shape")
+        x, y = torch.stack(xs), torch.tensor(ys, dtype=torch.int64)
+    if x.dim() < 2 or y.dim() != 1 or len(x) != len(y):
+        raise ConfigError(f"Benchmark.from_datasets: {where} must hold inputs x (N, ...) and labels y (N,), got "
+                          f"shapes {tuple(x.shape)} and {tuple(y.shape)}")
+    if y.is_floating_point() or y.dtype == torch.bool:
+        raise ConfigError(f"Benchmark.from_datasets: the labels of {where} must be integers, got {y.dtype}")
+    if not (x.is_floating_point() or x.dtype == torch.uint8):
+        x = x.float()
+    return x, y.long()
+
+
+def _task_from_splits(i: int, entry: Any, val_fraction: float, seed: int, normalize, augment: bool) -> TaskData:
+    """Task ``i`` of :meth:`Benchmark.from_datasets`."""
+    where = f"tasks[{i}]"
+    if isinstance(entry, dict):
+        unknown = sorted(set(entry) - {"train", "val", "test", "name"})
+        if unknown or "train" not in entry or "test" not in entry:
+            raise ConfigError(f"Benchmark.from_datasets: {where} must have the keys 'train' and 'test' (and may have "
+                              f"'val', 'name'); got {sorted(entry)}")
+        splits = {k: entry.get(k) for k in ("train", "val", "test")}
+        name = str(entry.get("name", f"task {i}"))
+    elif isinstance(entry, (tuple, list)) and len(entry) in (2, 3):
+        splits = dict(zip(("train", "test") if len(entry) == 2 else ("train", "val", "test"), entry))
+        splits.setdefault("val", None)
+        name = f"task {i}"
+    else:
+        raise ConfigError(f"Benchmark.from_datasets: {where} must be a dict {{'train', 'test', 'val'?}} or a tuple "
+                          f"(train, test) / (train, val, test), got {type(entry).__name__}")
+    data = {k: None if v is None else _split_tensors(f"{where}['{k}']", v) for k, v in splits.items()}
+    for k in ("train", "test"):
+        if len(data[k][1]) == 0:
+            raise ConfigError(f"Benchmark.from_datasets: {where}['{k}'] is empty")
+    if data["val"] is None:
+        train_x, train_y = data["train"]
+        gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + 7919 * i + 1)
+        order = torch.randperm(len(train_y), generator=gen)
+        n_val = int(round(val_fraction * len(train_y)))
+        if n_val >= len(train_y):
+            raise ConfigError(f"Benchmark.from_datasets: {where} has {len(train_y)} training samples, none left "
+                              f"after holding out val_fraction={val_fraction}")
+        val_idx, train_idx = order[:n_val].sort().values, order[n_val:].sort().values
+        data["val"] = (train_x[val_idx], train_y[val_idx])
+        data["train"] = (train_x[train_idx], train_y[train_idx])
+    shapes = {k: tuple(v[0].shape[1:]) for k, v in data.items() if len(v[1])}
+    if len(set(shapes.values())) > 1:
+        raise ConfigError(f"Benchmark.from_datasets: the splits of {where} have different input shapes {shapes}")
+    classes = sorted(set(torch.cat([v[1] for v in data.values()]).tolist()))
+    lut = {c: k for k, c in enumerate(classes)}
+    local = {k: torch.tensor([lut[int(c)] for c in v[1].tolist()], dtype=torch.int64) for k, v in data.items()}
+    x_val = data["val"][0] if len(local["val"]) else data["train"][0][:0]
+    return TaskData(i, name, tuple(int(c) for c in classes), data["train"][0], local["train"], x_val, local["val"],
+                    data["test"][0], local["test"], normalize=normalize, augment=bool(augment))
