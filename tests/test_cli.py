@@ -96,3 +96,61 @@ def test_report_of_a_folder_without_metrics_is_a_clear_error(tmp_path):
     assert result.exit_code != 0
     assert "metrics.json" in result.output and "sparsecl run --out" in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_seeds_run_one_folder_per_seed_then_summarize(tmp_path):
+    out = tmp_path / "multi"
+    args = ["run", "--method", "finetune", "--tasks", "2", *FAST, "--seeds", "0,1", "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    seeds = [json.loads((out / f"seed-{s}" / "metrics.json").read_text())["config"]["seed"] for s in (0, 1)]
+    assert seeds == [0, 1]
+    assert "| finetune | split-digits |" in result.output and "2 (0, 1)" in result.output
+    assert (out / "summary-over-seeds.md").is_file() and (out / "summary-over-seeds.csv").is_file()
+    again = CliRunner().invoke(main, ["summarize", str(out), "--out", str(tmp_path / "table")])
+    assert again.exit_code == 0, again.output
+    assert "2 (0, 1)" in again.output and (tmp_path / "table.md").is_file()
+    refused = CliRunner().invoke(main, [*args[:-2], "--seed", "3", "--out", str(tmp_path / "x")])
+    assert refused.exit_code != 0 and "give --seed (one run) or --seeds" in refused.output
+    bad = CliRunner().invoke(main, ["summarize", str(tmp_path / "x")])
+    assert bad.exit_code != 0
+
+
+def test_init_weights_are_loaded_before_task_0_recorded_and_refused_on_resume(tmp_path):
+    from safetensors.torch import save_file
+
+    from sparsecl.checkpoint import load_checkpoint
+    from sparsecl.models import mlp
+
+    torch_model = mlp((64,), (16,), 2)  # split-digits: 8x8 images
+    weights = tmp_path / "start.safetensors"
+    save_file({k: v.contiguous() for k, v in torch_model.state_dict().items()}, str(weights))
+    out = tmp_path / "run"
+    args = ["run", "--method", "finetune", "--tasks", "1", "--epochs", "1", "--hidden", "16", "--no-progress"]
+    result = CliRunner().invoke(main, [*args, "--init-weights", str(weights), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "initial weights from" in result.output
+    spec = load_checkpoint(out).manifest["spec"]
+    assert spec["model"]["init_weights"]["path"] == str(weights) and len(spec["model"]["init_weights"]["sha256"]) == 64
+    for flag in ("--resume", "--from"):
+        refused = CliRunner().invoke(main, ["run", flag, str(out), "--init-weights", str(weights)])
+        assert refused.exit_code != 0 and "--init-weights sets the weights before task 0" in refused.output
+
+
+def test_run_help_groups_options_and_shows_real_defaults_and_choices():
+    result = CliRunner().invoke(main, ["run", "--help"])
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    for section in ("Run:", "Data:", "Model:", "Training:", "Output:", "Method eidetic:", "Method clnp:",
+                    "Options of several methods:"):
+        assert section in result.output, section
+    assert "--score [l1|l2|taylor]" in text and "--init [erk|uniform|auto]" in text
+    assert "--growth [random|unfired|gradient|momentum]" in text and "--theta-order [first|last]" in text
+    assert "eidetic: default 10" in text  # --patience: EideticNets' real default
+    assert "--no-progress" in text and "progress bar per task" in text
+    assert "[default: 20]" in text  # --epochs: TrainConfig's
+
+
+def test_bad_choice_of_a_method_option_is_refused_by_click():
+    result = CliRunner().invoke(main, ["run", "--score", "random", *FAST])
+    assert result.exit_code != 0 and "'random' is not one of" in result.output
