@@ -20,7 +20,7 @@ import torch
 from .checkpoint import Checkpoint, save_checkpoint
 from .data import load_benchmark
 from .data.benchmarks import BENCHMARKS
-from .data.types import Benchmark, LazyTasks
+from .data.types import Benchmark, LazyTasks, normalization_record
 from .errors import CheckpointError, ConfigError, OutputError
 from .manifest import stream_options, validate_run_manifest, validate_spec
 from .methods import METHODS
@@ -224,12 +224,6 @@ def check_model_fits(spec: RunSpec, input_shape, num_classes: int, device: str =
         raise ConfigError(f"the model ({spec.model_description()}) has {n:,} parameters: training it needs about "
                           f"{need / 2**30:.1f} GiB but {free / 2**30:.1f} GiB of memory is available on {device}; "
                           "choose a smaller model (--hidden, --width)")
-
-
-def normalization_record(normalize) -> list | None:
-    """A task's ``TaskData.normalize`` as the checkpoint manifest keeps it: ``[mean, std]``
-    lists, or ``None``."""
-    return None if normalize is None else [list(normalize[0]), list(normalize[1])]
 
 
 class CheckpointWriter:

@@ -200,6 +200,12 @@ class LazyTasks(Sequence[TaskData]):
         return LazyTasks(total, build, header)
 
 
+def normalization_record(normalize) -> list | None:
+    """A task's ``TaskData.normalize`` as a checkpoint manifest or a compact file keeps it:
+    ``[mean, std]`` lists, or ``None``."""
+    return None if normalize is None else [list(normalize[0]), list(normalize[1])]
+
+
 def task_header(tasks: Sequence[TaskData], i: int) -> TaskHeader:
     """Task ``i``'s header, without building it when ``tasks`` is lazy."""
     return tasks.header(i) if isinstance(tasks, LazyTasks) else header_of(tasks[i])
