@@ -280,6 +280,47 @@ class Inception(nn.Module):
         return self.head(F.relu(self.fc(h.flatten(1))))
 
 
+class Grouped(nn.Module):
+    """A grouped convolution (2 groups), a depthwise one with a channel multiplier of 2 (a grouped
+    convolution too) and a depthwise one reading the input."""
+
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 3, 3, padding=1, groups=3)  # depthwise on the input
+        self.expand = nn.Conv2d(3, 8, 1)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.bn = nn.BatchNorm2d(8)
+        self.twice = nn.Conv2d(8, 16, 3, padding=1, stride=2, groups=8)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x):
+        h = F.relu(self.bn(self.grouped(F.relu(self.expand(self.stem(x))))))
+        return self.head(self.pool(F.relu(self.twice(h))).flatten(1))
+
+
+def test_grouped_convolutions_are_held_block_diagonal():
+    from sparsecl.graph import BlockDiagonalConv2d
+
+    torch.manual_seed(0)
+    model = Grouped().eval()
+    body, g, _ = trace(model)
+    assert {n: (l.source, l.group) for n, l in g.layers.items()} == {
+        "stem": (None, "stem"), "expand": ("stem", "expand"), "grouped": ("expand", "grouped"),
+        "twice": ("grouped", "twice")}
+    grouped, twice = body.get_submodule("grouped"), body.get_submodule("twice")
+    assert isinstance(grouped, BlockDiagonalConv2d) and grouped.weight.shape == (8, 8, 3, 3)
+    assert isinstance(twice, BlockDiagonalConv2d) and twice.blocks == 8 and type(body.stem) is nn.Conv2d
+    off = grouped.block_mask == 0
+    assert off.sum() == 8 * 4 * 9 and not grouped.weight[off].any()  # output channel 0 reads inputs 0..3 only
+    net = ContinualNetwork(model).eval()
+    net.add_head(3)
+    net.heads[0].load_state_dict(model.head.state_dict())
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(net(x, 0), model(x), atol=1e-5)
+
+
 def test_depthwise_convolutions_are_coupled_with_the_layer_they_read():
     _, g, _ = trace(TinyMobileNet())
     assert {n: (gr.layers, gr.norms) for n, gr in g.groups.items()} == {
@@ -329,7 +370,7 @@ class RecordingCLNP(ChecksOldLogits, CLNP):
 
 
 @pytest.mark.parametrize("method_name", ["eidetic", "clnp"])
-@pytest.mark.parametrize("model", [TinyMobileNet, Inception], ids=["depthwise", "concatenation"])
+@pytest.mark.parametrize("model", [TinyMobileNet, Inception, Grouped], ids=["depthwise", "concatenation", "grouped"])
 def test_neuron_level_methods_forget_nothing_on_depthwise_and_concatenating_nets(model, method_name):
     bench = image_benchmark(num_tasks=3)
     if method_name == "eidetic":
@@ -340,6 +381,9 @@ def test_neuron_level_methods_forget_nothing_on_depthwise_and_concatenating_nets
     net = ContinualNetwork(model())
     result = Trainer(method, TrainConfig(epochs=3, batch_size=32, seed=1, **OPTIMIZERS["adamw-wd"])).fit(net, bench)
     assert result.max_logit_change == 0.0 and len(method.records) == 3
+    for module in net.body.modules():  # a grouped kernel stayed grouped: weight decay never filled a zero
+        if hasattr(module, "block_mask"):
+            assert not module.weight[module.block_mask == 0].any()
     net.eval()
     for t in range(3):  # the exported, physically smaller subnetwork computes the same logits
         x = bench.tasks[t].test_x[:16]

@@ -158,10 +158,6 @@ class InputResidual(nn.Module):
     (AddsConstant(), ["node 'add'", "constant"]),
     (Concat(), ["node 'out'", "the head reads a concatenation", "put a Linear or Conv2d after"]),
     (InputResidual(), ["node 'add'", "model input"]),
-    (nn.Sequential(nn.Conv2d(3, 4, 3, groups=1), nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 2)),
-     ["module '1'", "groups=2", "block-local weight columns", "depthwise convolutions", "weight-level method"]),
-    (nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 8, 3, groups=4), nn.Flatten(), nn.Linear(8, 2)),
-     ["module '1'", "groups=4"]),  # a depthwise multiplier of 2 is a grouped convolution
     (nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2)),
      ["module '0'", "model input"]),
     (nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.Flatten(), nn.Linear(4, 2)),

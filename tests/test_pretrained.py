@@ -19,7 +19,7 @@ from sparsecl.pretrained import load_initial_weights
 from sparsecl.runs import CheckpointWriter, RunSpec
 from sparsecl.trainer import TrainConfig, Trainer
 from synthetic import ChecksOldLogits, cluster_benchmark, image_benchmark
-from test_any_module import Inception
+from test_any_module import Grouped, Inception
 
 SPEC = RunSpec([], {"name": "mlp", "options": {"hidden": [32, 32], "dropout": 0.0}, "single_head": False}, "eidetic")
 CONFIG = TrainConfig(epochs=4, batch_size=32, lr=1e-2)
@@ -149,3 +149,18 @@ def test_the_state_dict_of_another_model_is_refused(tmp_path):
     net = ContinualNetwork(mlp((20,), (16,), 3))
     with pytest.raises(CheckpointError, match="missing keys: fc1.weight, fc1.bias; unexpected keys: bias, weight"):
         load_initial_weights(net, tmp_path / "w.safetensors")
+
+
+def test_a_grouped_kernel_loads_into_its_block_diagonal_form(tmp_path):
+    torch.manual_seed(0)
+    model = Grouped().eval()
+    _save(model.state_dict(), tmp_path / "grouped.safetensors")
+    torch.manual_seed(1)
+    net = ContinualNetwork(Grouped()).eval()
+    load_initial_weights(net, tmp_path / "grouped.safetensors")
+    assert net.body.grouped.weight.shape == (8, 8, 3, 3) and model.grouped.weight.shape == (8, 4, 3, 3)
+    net.add_head(3)
+    net.heads[0].load_state_dict(model.head.state_dict())
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(net(x, 0), model(x), atol=1e-5)

@@ -87,7 +87,10 @@ def needed_units(net: ContinualNetwork, task: int, body: nn.Module | None = None
 def _sliced(module: nn.Module, rows: torch.Tensor, cols: torch.Tensor) -> nn.Module:
     """A plain copy of a Linear/Conv2d with only output units ``rows`` and input columns ``cols``
     (a depthwise convolution keeps one group per kept channel)."""
-    w = module.weight.detach().cpu()[rows][:, cols]
+    w = module.weight.detach().cpu()
+    if hasattr(module, "block_mask"):  # a BlockDiagonalConv2d: its dense kernel as it computes
+        w = w * module.block_mask.cpu()
+    w = w[rows][:, cols]
     bias = module.bias is not None
     if isinstance(module, nn.Conv2d):
         groups = w.shape[0] if module.groups > 1 else 1
@@ -128,6 +131,10 @@ def task_model(net: ContinualNetwork, task: int, normalize=None) -> TaskModel:
         # (e.g. a residual block the task skips, whose output only the stream carries on).
         if not mask.any():
             mask[0] = True
+    for layer in graph.layers.values():
+        # a depthwise convolution of the input reads input channel j for unit j: it keeps them all
+        if layer.source is None and not layer.depthwise and getattr(layer.module, "groups", 1) > 1:
+            needed[layer.group][:] = True
     body = copy.deepcopy(source).cpu().eval()
     _narrow_to(body, graph, needed)
     for name, layer in graph.layers.items():

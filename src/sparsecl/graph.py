@@ -10,7 +10,11 @@ Couplings: a residual add couples the units of both branches: channel *j* of the
 one unit, so the layers that feed it form a *unit group*, owned, pruned and frozen together. A
 depthwise convolution (``groups = in_channels = out_channels``) maps channel *j* to channel *j*
 through a kernel of its own, so it joins the unit group of the layer it reads (unit *j* of both is
-one unit). ``torch.cat`` along the unit dimension gives *unit ranges*: the concatenation's units
+one unit). Any other grouped convolution is held as a ``BlockDiagonalConv2d``: the dense
+``(out, in, kH, kW)`` weight of an ordinary convolution whose entries outside the groups' diagonal
+blocks are exact zeros, so that each output channel is a unit reading the input channels of its
+group through ordinary weight columns (exact, at ``groups`` times the layer's weights and
+compute). ``torch.cat`` along the unit dimension gives *unit ranges*: the concatenation's units
 are its inputs' units in order. A Linear or Conv2d reading a concatenation is split into one
 layer per range (the first keeps the bias; their outputs are summed, which equals the layer on
 the concatenation), coupled as a residual add's branches, and a BatchNorm over a concatenation is
@@ -25,8 +29,6 @@ What the graph refuses, and why (the error names the node):
 * Attention (``nn.MultiheadAttention``, ``scaled_dot_product_attention``): a head would be a unit
   only if its query/key/value rows of the packed ``in_proj_weight`` and its columns of
   ``out_proj`` were owned together; the unit ledger owns single rows of a Linear or Conv2d.
-* Grouped convolutions other than depthwise: an output channel reads a block of input channels
-  through block-local weight columns, which row/column freezing cannot address.
 
 The weight-level methods (PackNet, WSN, DST-CL, TinySubNets) need no unit graph and take all of
 these (``sparsecl.subnetworks``). ``trace`` refuses what the unit graph cannot follow;
@@ -132,6 +134,63 @@ def units_read(weight: torch.Tensor, rows: torch.Tensor, fan: int = 1) -> torch.
     inverse of ``UnitLayer.columns``)."""
     columns = (weight[rows.to(weight.device)] != 0).transpose(0, 1).flatten(1).any(1).cpu()
     return columns.view(-1, fan).any(1) if fan > 1 else columns
+
+
+class BlockDiagonalConv2d(nn.Conv2d):
+    """A grouped convolution (``blocks`` groups) held as an ordinary one: ``weight`` is the dense
+    ``(out_channels, in_channels, kH, kW)`` kernel whose entries outside the diagonal blocks
+    (output channels of group b × input channels of group b) are exact zeros. The forward pass
+    multiplies by the block mask (a non-persistent buffer), so those entries get zero gradients
+    and no optimizer moves them (Adam, AdamW and SGD update a zero entry with a zero gradient and
+    zero state by zero). ``reset_parameters`` draws the grouped convolution's default
+    initialization into the blocks. Output equals ``nn.Conv2d(..., groups=blocks)`` with the
+    blocks as its kernel (to float rounding: a dense sum over zeros)."""
+
+    blocks = 1
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 blocks: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, 1, bias, padding_mode,
+                         device=device, dtype=dtype)
+        self.blocks = blocks
+        rows = torch.arange(out_channels, device=self.weight.device) // (out_channels // blocks)
+        cols = torch.arange(in_channels, device=self.weight.device) // (in_channels // blocks)
+        mask = (rows[:, None] == cols[None, :]).to(self.weight.dtype)[:, :, None, None]
+        self.register_buffer("block_mask", mask.expand_as(self.weight).contiguous(), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.blocks == 1:  # nn.Conv2d.__init__ calls this before the blocks are known
+            return super().reset_parameters()
+        grouped = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, groups=self.blocks,
+                            bias=self.bias is not None, device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            self.weight.copy_(self.expand(grouped.weight))
+            if self.bias is not None:
+                self.bias.copy_(grouped.bias)
+
+    def expand(self, grouped_weight: torch.Tensor) -> torch.Tensor:
+        """The dense kernel of a grouped kernel ``(out, in / blocks, kH, kW)``."""
+        per_in = self.in_channels // self.blocks
+        dense = grouped_weight.new_zeros(self.weight.shape)
+        for b, rows in enumerate(torch.arange(self.out_channels).chunk(self.blocks)):
+            dense[rows, b * per_in:(b + 1) * per_in] = grouped_weight[rows]
+        return dense
+
+    @classmethod
+    @torch.no_grad()
+    def replacing(cls, conv: nn.Conv2d) -> "BlockDiagonalConv2d":
+        """The block-diagonal form of grouped ``conv`` (same values, options and mode)."""
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                  conv.groups, conv.bias is not None, conv.padding_mode, device=conv.weight.device,
+                  dtype=conv.weight.dtype)
+        new.weight.copy_(new.expand(conv.weight))
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+        return new.train(conv.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight * self.block_mask, self.bias)
 
 
 @dataclass(frozen=True)
@@ -322,13 +381,6 @@ def _is_depthwise(module: nn.Conv2d) -> bool:
 
 def _check_module(node: fx.Node, gm: fx.GraphModule, kind: str) -> None:
     module = gm.get_submodule(node.target)
-    if kind == "conv" and module.groups != 1 and not _is_depthwise(module):
-        raise _unsupported(node, gm, f"grouped convolution (groups={module.groups}, {module.in_channels} input and "
-                           f"{module.out_channels} output channels): each output channel reads a block of "
-                           f"{module.in_channels // module.groups} input channels through block-local weight "
-                           "columns, which freezing whole rows and zeroing the columns of units a unit must not "
-                           "read cannot express; depthwise convolutions (groups = in_channels = out_channels) are "
-                           "traced as coupled units. " + _WEIGHT_LEVEL)
     if kind == "norm" and not (module.affine and module.track_running_stats):
         raise _unsupported(node, gm, "BatchNorm needs affine=True and track_running_stats=True: a "
                            "pruned channel is silenced through its affine parameters, and each "
@@ -516,9 +568,14 @@ def _walk(gm: fx.GraphModule, head_node: fx.Node):
                 head_carry = c
                 continue
             module = gm.get_submodule(node.target)
+            if kind == "conv" and module.groups != 1:
+                if c.parts is not None:
+                    raise _unsupported(node, gm, "a grouped or depthwise convolution of a concatenation is not "
+                                       "supported")
+                if not _is_depthwise(module):  # its output channels then read ordinary weight columns
+                    module = BlockDiagonalConv2d.replacing(module)
+                    gm.add_submodule(str(node.target), module)
             if c.parts is not None:
-                if kind == "conv" and module.groups != 1:
-                    raise _unsupported(node, gm, "a depthwise convolution of a concatenation is not supported")
                 _split_reader(gm, node, c, kind, carry, layers, groups)
                 continue
             name = str(node.target)

@@ -10,8 +10,9 @@ Accepted files:
 
 * a safetensors state dict of the user's model (``safetensors.torch.save_file(model.state_dict(),
   path)``), keyed as ``model.state_dict()``: the keys of the model's final Linear (the head
-  prototype, replaced by one head per task) are skipped, and a layer or BatchNorm that the unit
-  graph split at a concatenation (``sparsecl.graph``) is filled from the model's whole tensor;
+  prototype, replaced by one head per task) are skipped, a layer or BatchNorm that the unit graph
+  split at a concatenation (``sparsecl.graph``) is filled from the model's whole tensor, and a
+  grouped convolution held block-diagonal from the model's grouped kernel;
 * a safetensors state dict of a ``ContinualNetwork``'s body (``net.body.state_dict()``);
 * a sparsecl checkpoint (``checkpoint.safetensors`` or the run folder holding it): its body
   (tensors ``net.body.*``), after the checkpoint's SHA-256 check.
@@ -27,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint
 from .errors import CheckpointError, ConfigError
-from .graph import CAT_SUFFIX
+from .graph import CAT_SUFFIX, BlockDiagonalConv2d
 from .network import ContinualNetwork
 
 
@@ -120,6 +121,10 @@ def load_initial_weights(net: ContinualNetwork, path: str | Path) -> dict[str, l
                 continue
             values.update(zip(parts, torch.split(tensor, widths, dim)))
         else:
+            module = net.body.get_submodule(key.rpartition(".")[0])
+            if isinstance(module, BlockDiagonalConv2d) and key.endswith(".weight") and tensor.shape != module.weight.shape \
+                    and tensor.dim() == 4 and tensor.shape[1] * module.blocks == module.in_channels:
+                tensor = module.expand(tensor.to(module.weight.dtype))  # the model's grouped kernel
             values[key] = tensor
     for key, tensor in list(values.items()):
         if tuple(tensor.shape) != tuple(body_state[key].shape):
