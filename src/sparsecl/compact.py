@@ -16,8 +16,9 @@ For a ``ContinualNetwork`` whose subnetworks are in ``"masks"`` mode, with ``T``
   (``values/{t}/{i}``, kind ``"raw"``). A (task, layer) owning no weight has no section. Free
   weights (no owner) are not stored: they read back as 0.0.
 * **per-task tensors** of task t (``task/{t}/{key}``, kind ``"tensor"``; ``key`` as in
-  ``subnetworks.tasks[t].state_dict()``: biases, BatchNorm affine parameters, running statistics
-  and batch counts; the masks are in the mask sections) and its head (``head/{t}/{key}``, kind
+  ``subnetworks.tasks[t].state_dict()``: biases, BatchNorm and other normalization affine
+  parameters, running statistics and batch counts, any other per-task parameter or buffer such as a
+  class token; the masks are in the mask sections) and its head (``head/{t}/{key}``, kind
   ``"head"``), raw bytes in their own dtype, native byte order (little-endian on every platform
   torch supports).
 
@@ -97,10 +98,11 @@ class CompactModel:
     * ``total_bits = 8 · payload bytes``.
     * ``dense_parameters``: what a dense float32 multi-head model of the same shape stores (32
       bits each): every weight of every masked layer (once), plus for every task its per-task
-      float parameters (``subnetworks.tasks[t].parameters()``: the masked layers' biases and the
-      BatchNorm affine weights and biases) and its head's parameters (weight and bias). BatchNorm
-      running statistics and batch counts are buffers, not parameters: they are in the payload
-      but not in the count, as the body's own (unused) biases and BatchNorm are in neither.
+      float parameters (``subnetworks.tasks[t].parameters()``: the masked layers' biases, the
+      normalization affine weights and biases and any other per-task parameter) and its head's
+      parameters (weight and bias). Running statistics and batch counts are buffers, not
+      parameters: they are in the payload but not in the count, as the body's own (unused)
+      per-task tensors are in neither.
     * ``task_dense_parameters[t]``: every masked-layer weight + task t's per-task float parameters
       + task t's head parameters.
     * ``task_bits[t]``: bits to run task t alone: its masks, each layer's coded on its own with
