@@ -72,11 +72,18 @@ def test_resume_after_sigkill_gives_the_same_run_bit_for_bit(finished_run, tmp_p
     assert 2 <= done < 5
     # the killed run's lock file stays (the kernel released its lock) and a kill inside a write may
     # leave a temporary file: both are cleared when the folder is opened again
-    assert {p.name for p in out.iterdir()} - {LOCK_NAME} - {p.name for p in out.glob(".*.tmp")} == {CHECKPOINT_NAME}
+    assert {p.name for p in out.iterdir()} - {LOCK_NAME} - {p.name for p in out.glob(".*.tmp")} == {CHECKPOINT_NAME,
+                                                                                                    "history.csv"}
     resumed = subprocess.run([sys.executable, "-m", "sparsecl", "run", "--resume", str(out), "--no-progress"],
                              env=ENV, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    assert {p.name for p in out.iterdir()} == {CHECKPOINT_NAME, "metrics.json"}
+    assert {p.name for p in out.iterdir()} == {CHECKPOINT_NAME, "metrics.json", "history.csv", "accuracy_matrix.csv",
+                                               "summary.csv"}
+    # the history of the interrupted task was dropped and learned again: the same rows as the
+    # uninterrupted run's, wall times aside
+    def history(folder):
+        return [line.split(",")[:-1] for line in (folder / "history.csv").read_text().splitlines()]
+    assert history(out) == history(finished_run)
     a = json.loads((finished_run / "metrics.json").read_text())
     b = json.loads((out / "metrics.json").read_text())
     for key in ("accuracy_matrix", "capacity", "reuse", "method_log", "max_logit_change"):

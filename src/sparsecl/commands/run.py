@@ -443,9 +443,9 @@ def _spec(options: dict, given: set[str], resume: Path | None, from_checkpoint: 
                           f"that run with --resume {ckpt.path.parent} before adding tasks with --from")
     clash = sorted(k for k in _MODEL_OPTIONS if k in given)
     if clash:
-        flags = flags(click.get_current_context(), clash)
+        clashing = flags(click.get_current_context(), clash)
         raise ConfigError(f"--from keeps the saved model ({saved.model_description()}, single head "
-                          f"{saved.model['single_head']}); drop {flags}")
+                          f"{saved.model['single_head']}); drop {clashing}")
     method = options["method"] if "method" in given else saved.method
     if method != saved.method:
         raise ConfigError(f"checkpoint {ckpt.path} was trained with --method {saved.method}; "
