@@ -46,7 +46,8 @@ def run(name, method, bench, config, hidden):
                       "rounds": entry.get("rounds"), "kept": entry.get("kept"),
                       "select_seconds": entry.get("select_seconds")})
     return {"name": name, "acc": result.acc, "seconds": seconds, "tasks": tasks,
-            "final_row": result.accuracy_matrix[-1], "max_logit_change": result.max_logit_change}
+            "final_row": result.accuracy_matrix[-1], "max_logit_change": result.max_logit_change,
+            "capacity": result.capacity, "method_log": log}
 
 
 def main() -> None:
