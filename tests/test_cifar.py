@@ -185,7 +185,8 @@ def test_missing_folder_names_the_layout_and_download(tmp_path):
         load_cifar(tmp_path, "CIFAR100", train=True)
     msg = str(info.value)
     assert str(tmp_path / "cifar-100-python") in msg
-    assert "train, test, meta" in msg and "cifar-100-python.tar.gz" in msg and "--download" in msg
+    assert "train, test, meta" in msg and "cifar-100-python.tar.gz" in msg
+    assert "download=True" in msg and "--download" in info.value.cli_message  # API terms, CLI terms
 
 
 def test_missing_file_is_named(small10):
