@@ -52,3 +52,27 @@ def test_per_class_accuracy_and_mean_class_drop():
         metrics.per_class_accuracy([2], [True], 2)
     with pytest.raises(ValueError):
         metrics.mean_class_drop([0.5], [])
+
+
+def test_unmeasured_cells_are_left_out_of_bwt_and_forgetting():
+    nan = float("nan")
+    # eval_every=2 over 4 tasks: row 0 and row 2 keep only the diagonal, rows 1 and 3 are complete
+    R = [[0.9, None, None, None],
+         [0.8, 0.95, None, None],
+         [None, nan, 0.7, None],
+         [0.6, 0.9, 0.65, 0.8]]
+    assert metrics.average_accuracy(R) == pytest.approx((0.6 + 0.9 + 0.65 + 0.8) / 4)
+    assert metrics.backward_transfer(R) == pytest.approx(((0.6 - 0.9) + (0.9 - 0.95) + (0.65 - 0.7)) / 3)
+    # task 0: best measured before the end 0.9 (R[1][0] = 0.8, R[2][0] unmeasured); task 1: 0.95
+    assert metrics.forgetting(R) == pytest.approx(((0.9 - 0.6) + (0.95 - 0.9) + (0.7 - 0.65)) / 3)
+    # a task whose diagonal was not measured: left out of BWT, its other cells still count for forgetting
+    R[1][1] = None
+    assert metrics.backward_transfer(R) == pytest.approx(((0.6 - 0.9) + (0.65 - 0.7)) / 2)
+    assert metrics.forgetting(R) == pytest.approx(((0.9 - 0.6) + (0.7 - 0.65)) / 2)
+    assert metrics.forgetting([[None, None], [0.5, 0.6]]) is None  # nothing measured before the end
+    assert metrics.backward_transfer([[None, None], [0.5, 0.6]]) is None
+
+
+def test_an_unmeasured_cell_of_the_last_row_is_refused():
+    with pytest.raises(ValueError, match="row 1 .*unmeasured entries at tasks \\[0\\]"):
+        metrics.average_accuracy([[0.5, None], [float("nan"), 0.4]])

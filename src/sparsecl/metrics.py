@@ -3,59 +3,98 @@
 ``R[t][i]`` is the test accuracy on task ``i`` after training task ``t`` (0-based, ``T`` tasks;
 entries above the diagonal are ``None``). Accuracies are fractions in [0, 1]. Definitions follow
 Lopez-Paz & Ranzato (2017, GEM) for ACC/BWT/FWT and Chaudhry et al. (2018, RWalk) for forgetting.
+
+A cell at or below the diagonal may be *unmeasured* (``None`` or NaN): a run with
+``TrainConfig(eval_every=K)`` or ``eval_tasks`` evaluates only some earlier tasks after each task.
+The last row must be complete (the trainer always evaluates every task after the last one). Each
+metric then averages over the tasks whose cells it needs were measured, as its docstring says;
+with a complete matrix these are the papers' definitions exactly.
 """
 
 from __future__ import annotations
 
+import math
 import platform
 from typing import Sequence
 
 Matrix = Sequence[Sequence[float | None]]
 
 
+def measured(a: float | None) -> bool:
+    """Whether a cell of the accuracy matrix holds a measurement (not ``None``, not NaN)."""
+    return a is not None and not (isinstance(a, float) and math.isnan(a))
+
+
 def _square(R: Matrix) -> int:
+    """``T`` of a square, non-empty matrix whose last row is measured up to the diagonal.
+
+    Raises:
+        ValueError: the matrix is not square or its last row misses a cell."""
     T = len(R)
     if T == 0 or any(len(row) != T for row in R):
         raise ValueError(f"the accuracy matrix must be square and non-empty, got {len(R)} rows")
-    for t in range(T):
-        if any(R[t][i] is None for i in range(t + 1)):
-            raise ValueError(f"accuracy matrix row {t} has missing entries at or below the diagonal")
+    missing = [i for i in range(T) if not measured(R[T - 1][i])]
+    if missing:
+        raise ValueError(f"accuracy matrix row {T - 1} (after the last task) has unmeasured entries at "
+                         f"tasks {missing[:10]}; every task must be evaluated after the last one")
     return T
 
 
 def average_accuracy(R: Matrix) -> float:
-    """ACC = mean_i R[T-1][i]: accuracy on every task after the last one."""
+    """ACC = mean_i R[T-1][i]: accuracy on every task after the last one (Lopez-Paz &
+    Ranzato 2017, GEM).
+
+    Raises:
+        ValueError: the matrix is not square or its last row is incomplete."""
     T = _square(R)
     return sum(R[T - 1][i] for i in range(T)) / T
 
 
 def backward_transfer(R: Matrix) -> float | None:
-    """BWT = mean_{i<T-1} (R[T-1][i] - R[i][i]); negative means forgetting. ``None`` if T = 1."""
+    """BWT = mean_{i<T-1} (R[T-1][i] - R[i][i]) (Lopez-Paz & Ranzato 2017, GEM); negative
+    means forgetting. Tasks whose diagonal R[i][i] was not measured are left out of the mean
+    (the trainer always measures the diagonal). ``None`` if T = 1 or no such task is left.
+
+    Raises:
+        ValueError: the matrix is not square or its last row is incomplete."""
     T = _square(R)
-    if T < 2:
-        return None
-    return sum(R[T - 1][i] - R[i][i] for i in range(T - 1)) / (T - 1)
+    terms = [R[T - 1][i] - R[i][i] for i in range(T - 1) if measured(R[i][i])]
+    return sum(terms) / len(terms) if terms else None
 
 
 def forgetting(R: Matrix) -> float | None:
-    """Mean over i<T-1 of (max_{t<T-1} R[t][i] - R[T-1][i]): the drop from each task's best
-    accuracy to its final one. ``None`` if T = 1."""
+    """Mean over i<T-1 of (max_{i<=t<T-1} R[t][i] - R[T-1][i]) (Chaudhry et al. 2018,
+    RWalk, their forgetting measure after the last task): the drop from each task's best
+    accuracy to its final one. The max runs over the measured cells of column i before the last
+    row (the diagonal among them); a task with none is left out of the mean. ``None`` if T = 1
+    or no task is left.
+
+    Raises:
+        ValueError: the matrix is not square or its last row is incomplete."""
     T = _square(R)
-    if T < 2:
-        return None
-    return sum(max(R[t][i] for t in range(i, T - 1)) - R[T - 1][i] for i in range(T - 1)) / (T - 1)
+    terms = []
+    for i in range(T - 1):
+        before = [R[t][i] for t in range(i, T - 1) if measured(R[t][i])]
+        if before:
+            terms.append(max(before) - R[T - 1][i])
+    return sum(terms) / len(terms) if terms else None
 
 
 def forward_transfer(R: Matrix, baseline: Sequence[float]) -> float | None:
     """FWT = mean_{i>0} (R[i-1][i] - b_i), ``b_i`` the accuracy of a freshly initialized network
-    on task i. Needs the accuracy of task i *before* it is trained, which only exists for
-    methods that can predict an unseen task (a shared head). ``None`` if T = 1."""
+    on task i (Lopez-Paz & Ranzato 2017, GEM). Needs the accuracy of task i *before* it is
+    trained, which only exists for methods that can predict an unseen task (a shared head).
+    ``None`` if T = 1.
+
+    Raises:
+        ValueError: the matrix is not square, its last row is incomplete, ``baseline`` has the
+            wrong length, or some R[i-1][i] is unmeasured."""
     T = _square(R)
     if len(baseline) != T:
         raise ValueError(f"baseline has {len(baseline)} entries for {T} tasks")
     if T < 2:
         return None
-    if any(R[i - 1][i] is None for i in range(1, T)):
+    if any(not measured(R[i - 1][i]) for i in range(1, T)):
         raise ValueError("forward transfer needs R[i-1][i], the accuracy on task i before training it")
     return sum(R[i - 1][i] - baseline[i] for i in range(1, T)) / (T - 1)
 
@@ -119,7 +158,7 @@ def write_run_tables(folder, metrics: dict) -> list:
     from .atomic import write_atomic
 
     def cell(v):
-        return "" if v is None else v
+        return v if measured(v) else ""
 
     R = metrics["accuracy_matrix"]
     text = io.StringIO()
