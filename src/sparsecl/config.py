@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 #: The optimizers named by a string (``TrainConfig(optimizer="adamw")``, ``--optimizer adamw``).
 OPTIMIZERS = ("adam", "adamw", "sgd")
 #: How the task of a test sample is known: given (``oracle``), or inferred (``sparsecl.routing``).
-ROUTING_MODES = ("oracle", "classifier", "entropy")
+ROUTING_MODES = ("oracle", "classifier", "classifier-all", "entropy", "lda")
 
 #: ``params -> optimizer``: e.g. ``lambda params: torch.optim.RAdam(params, lr=1e-3, weight_decay=0.01)``.
 OptimizerFactory = Callable[[Iterable["torch.nn.Parameter"]], "torch.optim.Optimizer"]
@@ -70,6 +70,16 @@ class TrainConfig:
     and never changes the network: the task-incremental results are the same bit for bit
     whatever ``routing`` is.
 
+    ``eval_every`` and ``eval_tasks``: how much of the accuracy matrix is measured, for long
+    streams. After every task the trainer always measures the new task (the diagonal R[t][t])
+    and checks every earlier task's probe logits bit for bit (cheap: ``probe_size`` samples);
+    the re-evaluation of earlier tasks on their whole test sets runs after task t only when
+    ``(t + 1) % eval_every == 0``, and then only on the tasks ``eval_tasks`` names (``"all"``,
+    or indices and inclusive ranges such as ``"0,5,10-19"``; the API also takes a list of
+    ints). After the last task every task is evaluated, so the last row is complete; the cells
+    not measured are ``None`` and the metrics average over the measured ones
+    (``sparsecl.metrics``).
+
     Raises:
         ConfigError: a field of the wrong type or out of range; the message names the argument
             (``TrainConfig(lr=...)``), and its ``cli_message`` the flag (``--lr``).
@@ -93,8 +103,14 @@ class TrainConfig:
     router_hidden: int = 0
     router_free_units: bool = True
     loss: Any = None  # None (cross-entropy) or a LossFunction
+    eval_every: int = 1
+    eval_tasks: str = "all"  # "all" or indices / inclusive ranges: "0,5,10-19"
 
     def __post_init__(self) -> None:
+        if isinstance(self.eval_tasks, (list, tuple, range)):  # the API's list of task indices
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in self.eval_tasks):
+                raise _bad("eval_tasks", f"must be 'all' or task indices (integers), got {list(self.eval_tasks)!r}")
+            self.eval_tasks = ",".join(str(i) for i in self.eval_tasks)
         for f in dataclasses.fields(self):  # API callers (and saved specs) get the CLI's checks, by argument name
             value, kind = getattr(self, f.name), str(f.type)
             if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
@@ -119,7 +135,8 @@ class TrainConfig:
         if self.loss is not None and not callable(self.loss):
             raise ConfigError(f"TrainConfig(loss=...): loss must be None (cross-entropy) or a callable "
                               f"(logits, labels) -> scalar loss, got {self.loss!r}")
-        for name in ("epochs", "batch_size", "eval_batch_size", "probe_size", "router_buffer", "router_epochs"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "probe_size", "router_buffer", "router_epochs",
+                     "eval_every"):
             if getattr(self, name) < 1:
                 raise _bad(name, f"must be at least 1, got {getattr(self, name)}")
         check_device(self.device, api="TrainConfig(device=...): device")
@@ -128,6 +145,18 @@ class TrainConfig:
                 raise _bad(name, f"must be non-negative, got {getattr(self, name)}")
         if not self.router_lr > 0:
             raise _bad("router_lr", f"must be above 0, got {self.router_lr}")
+        parse_eval_tasks(self.eval_tasks)
+
+    def evaluated_tasks(self, t: int, num_tasks: int) -> list[int]:
+        """The tasks whose test accuracy is measured after task ``t`` of ``num_tasks``: every task
+        ``0..t`` after the last task; else the new task ``t`` and, when ``(t + 1) % eval_every ==
+        0``, the earlier tasks ``eval_tasks`` names; in increasing order."""
+        if t == num_tasks - 1:
+            return list(range(t + 1))
+        if (t + 1) % self.eval_every:
+            return [t]
+        named = parse_eval_tasks(self.eval_tasks)
+        return list(range(t + 1)) if named is None else sorted({i for i in named if i < t} | {t})
 
     def describe(self) -> dict:
         """The fields as JSON-serializable values (a custom optimizer or loss by its name), for
@@ -140,6 +169,29 @@ class TrainConfig:
         if out["loss"] is None:
             del out["loss"]
         return out
+
+
+def parse_eval_tasks(spec: str) -> tuple[int, ...] | None:
+    """The task indices of ``TrainConfig.eval_tasks`` / ``--eval-tasks``: ``None`` for ``"all"``,
+    else the sorted indices of a comma-separated list of indices and inclusive ranges
+    (``"0,5,10-19"``).
+
+    Raises:
+        ConfigError: anything else (a negative index, a range whose end is below its start)."""
+    text = spec.strip().lower()
+    if text == "all":
+        return None
+    bad = _bad("eval_tasks", f"must be 'all' or task indices and ranges such as '0,5,10-19', got '{spec}'")
+    out: set[int] = set()
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        if not lo.strip().isdigit() or (sep and not hi.strip().isdigit()):
+            raise bad
+        first, last = int(lo), int(hi) if sep else int(lo)
+        if last < first:
+            raise bad
+        out.update(range(first, last + 1))
+    return tuple(sorted(out))
 
 
 def check_device(device: str, option: str = "--device", api: str | None = None) -> None:

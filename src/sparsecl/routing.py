@@ -75,14 +75,15 @@ class ExemplarBuffer:
     any other random draw.
 
     A user who deploys the router must keep these ``size`` samples of every task (``size x T``
-    samples in all) to retrain it when a task is added.
+    samples in all) to retrain it when a task is added. ``size=None`` keeps every training
+    sample (``--routing classifier-all``: the reference code's protocol, the whole stream kept).
 
     Raises:
         ConfigError: ``size < 1`` (named as ``--router-buffer``).
     """
 
-    def __init__(self, size: int, seed: int = 0):
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+    def __init__(self, size: int | None, seed: int = 0):
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
             raise ConfigError(f"--router-buffer must be a whole number of samples per task, at least 1; got {size}")
         self.size, self.seed = size, int(seed)
         #: task id → the indices chosen for it, ``(min(size, N_train),)`` int64, ascending.
@@ -92,6 +93,9 @@ class ExemplarBuffer:
         """The kept indices of ``task``'s training set, ``(min(size, N_train),)`` int64 ascending
         (recorded in ``indices``)."""
         n = len(task.train_y)
+        if self.size is None:
+            self.indices[task.task_id] = torch.arange(n)
+            return self.indices[task.task_id]
         idx = torch.randperm(n, generator=_generator("buffer", self.seed, int(task.task_id)))[: self.size]
         self.indices[task.task_id] = idx.sort().values
         return self.indices[task.task_id]
@@ -434,34 +438,66 @@ def head_entropies(logits: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(out, 1)
 
 
-def route(h: torch.Tensor, logits: Sequence[torch.Tensor], mode: str,
-          router: TaskRouter | TaskClassifier | None = None) -> torch.Tensor:
-    """The task of every sample, ``(N,)`` int64, from its features ``h`` ``(N, F)`` and every
-    seen task's logits (``logits[t]``: ``(N, C_t)``).
+def shared_features(net: ContinualNetwork) -> bool:
+    """Whether every task reads the features of one body pass (neuron-level methods,
+    fine-tuning...), rather than each its own subnetwork or body (weight-level methods,
+    single-task training)."""
+    return net.subnetworks is None and not net.task_bodies
 
-    ``"classifier"``: ``router(h).argmax(1)``; ``"entropy"``: the head whose softmax has the
-    lowest entropy (ties: the lowest task id).
+
+def task_outputs(net: ContinualNetwork, x: torch.Tensor):
+    """``(features, logits)`` of prepared inputs ``x`` ``(N, ...)`` for every task the network
+    has a head for, batched over the samples: ``logits[t]`` ``(N, C_t)`` equals ``net(x, t)``.
+    ``features``: one ``(N, d)`` tensor when the tasks share one body pass
+    (:func:`shared_features`), else a list of ``T`` tensors ``(N, d)``, task ``t``'s features
+    under its own subnetwork (one forward pass per task: a loop over tasks, never over samples).
+    """
+    if shared_features(net):
+        h = net.features(x)
+        return h, [net.head_logits(h, t) for t in range(net.num_tasks)]
+    hs = [net.features(x, t) for t in range(net.num_tasks)]
+    return hs, [net.head_logits(h, t) for t, h in enumerate(hs)]
+
+
+def route(h, logits: Sequence[torch.Tensor], mode: str, router=None) -> torch.Tensor:
+    """The task of every sample, ``(N,)`` int64, from its features ``h`` (``(N, F)``, or per
+    task a list of ``T`` such tensors, see :func:`task_outputs`) and every seen task's logits
+    (``logits[t]``: ``(N, C_t)``).
+
+    ``"classifier"``/``"classifier-all"``: ``router(h).argmax(1)``; ``"entropy"``: the head whose
+    softmax has the lowest entropy (ties: the lowest task id); ``"lda"``: the argmax of
+    ``router.task_scores(h)`` (:class:`sparsecl.feature_routing.FeatureStatistics`).
 
     Raises:
         ConfigError: an unknown ``mode`` (``"oracle"`` has no route: it needs the task id), a
-            classifier mode without a router, or a router trained on another number of tasks.
+            classifier or lda mode without its router, or a router of another number of tasks.
     """
-    if mode == "classifier":
+    if mode in ("classifier", "classifier-all", "lda"):
         if router is None:
-            raise ConfigError("--routing classifier needs a trained task classifier (fit_router)")
+            raise ConfigError(f"--routing {mode} needs its router (fit_router, or FeatureStatistics for lda)")
         if router.num_tasks != len(logits):
-            raise ConfigError(f"the task classifier was trained on {router.num_tasks} tasks but the network "
-                              f"has heads for {len(logits)}; refit it (fit_router) after every task")
+            raise ConfigError(f"the router of --routing {mode} was trained on {router.num_tasks} tasks but the network "
+                              f"has heads for {len(logits)}; refit it after every task")
+        if mode == "lda":
+            from .feature_routing import FeatureStatistics
+
+            if not isinstance(router, FeatureStatistics):
+                raise ConfigError("--routing lda needs feature statistics (FeatureStatistics), not a task classifier")
+            return router.task_scores(h).argmax(1).to(logits[0].device)
+        if not isinstance(h, torch.Tensor):
+            raise ConfigError(f"--routing {mode} reads the features of one shared body pass; this network computes "
+                              "each task's features with its own subnetwork: use --routing entropy or lda")
         return router(h).argmax(1)
     if mode == "entropy":
         return head_entropies(logits).argmin(1)
-    raise ConfigError(f"--routing must be 'classifier' or 'entropy' to route without a task id, got '{mode}'")
+    raise ConfigError(f"--routing must be one of classifier, classifier-all, entropy, lda to route without a task id, "
+                      f"got '{mode}'")
 
 
 def _check_installed(net: ContinualNetwork, mode: str, router) -> None:
     if net.num_tasks == 0:
         raise ConfigError("routing needs a network with at least one task head")
-    if mode == "classifier" and isinstance(router, TaskRouter) and router.units \
+    if mode.startswith("classifier") and isinstance(router, TaskRouter) and router.units \
             and getattr(net, "_router_id", None) != id(router):
         raise ConfigError("this task router has units of its own in the network's free capacity: route "
                           "with the network it installs, router.install(net)")
@@ -474,14 +510,15 @@ def _choose(logits: Sequence[torch.Tensor], tasks: torch.Tensor) -> torch.Tensor
 
 @torch.no_grad()
 def routed_predict(net: ContinualNetwork, x: torch.Tensor, mode: str,
-                   router: TaskRouter | TaskClassifier | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   router=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Task-agnostic prediction of prepared inputs ``x`` ``(N, ...)`` (already through the tasks'
     common ``prepare``): ``(task_pred, class_pred)``, both ``(N,)`` int64, ``class_pred[n]`` a
     task-local class of task ``task_pred[n]``.
 
-    One body pass (eval mode; the network's mode is restored), every task head on the shared
-    features, then :func:`route`; the class is the chosen head's argmax. ``net`` is the routing
-    network: for a router with units of its own, ``router.install(trained_net)``.
+    :func:`task_outputs` (eval mode; the network's mode is restored): one body pass and every
+    task head on the shared features, or one pass per task's subnetwork, batched over the
+    samples; then :func:`route`; the class is the chosen head's argmax. ``net`` is the routing
+    network: for a task router with units of its own, ``router.install(trained_net)``.
 
     Raises:
         ConfigError: see :func:`route`; the network has no task head, or ``router`` has units
@@ -490,8 +527,7 @@ def routed_predict(net: ContinualNetwork, x: torch.Tensor, mode: str,
     _check_installed(net, mode, router)
     was_training = net.training
     net.eval()
-    h = net.features(x)
-    logits = [net.head_logits(h, t) for t in range(net.num_tasks)]
+    h, logits = task_outputs(net, x)
     net.train(was_training)
     tasks = route(h, logits, mode, router)
     return tasks, _choose(logits, tasks)
@@ -504,8 +540,9 @@ class RoutedEvaluation:
     ``routed[i]``: fraction of task i's test samples routed to task i *and* classified right;
     ``routing[i]``: fraction routed to task i; ``oracle[i]``: fraction classified right with the
     task id given; ``per_class``: one entry per class of every task, ``{"task", "class"`` (the
-    original data-set label), ``"samples", "oracle", "routed"}`` (accuracies as fractions, ``None``
-    for a class without test samples), the form of EideticNets' Table 8."""
+    original data-set label), ``"samples", "oracle", "routed", "routing"}`` (accuracies as
+    fractions, ``routing`` the share routed to the class's task; ``None`` for a class without
+    test samples), the form of EideticNets' Table 8."""
 
     routed: list[float]
     routing: list[float]
@@ -533,8 +570,7 @@ def evaluate_routing(net: ContinualNetwork, tasks: Sequence[TaskData], mode: str
         y = task.test_y
         routed_to, routed_cls, oracle_cls = [], [], []
         for s in range(0, len(y), batch_size):
-            h = net.features(prepare(task.test_x[s:s + batch_size].to(device)))
-            logits = [net.head_logits(h, t) for t in range(net.num_tasks)]
+            h, logits = task_outputs(net, prepare(task.test_x[s:s + batch_size].to(device)))
             chosen = route(h, logits, mode, router)
             routed_to.append(chosen.cpu())
             routed_cls.append(_choose(logits, chosen).cpu())
@@ -550,9 +586,11 @@ def evaluate_routing(net: ContinualNetwork, tasks: Sequence[TaskData], mode: str
         labels = y.tolist()
         oracle_by_class = metrics.per_class_accuracy(labels, oracle_ok.tolist(), task.num_classes)
         routed_by_class = metrics.per_class_accuracy(labels, routed_ok.tolist(), task.num_classes)
+        routing_by_class = metrics.per_class_accuracy(labels, right_task.tolist(), task.num_classes)
         counts = torch.bincount(y, minlength=task.num_classes).tolist()
         result.per_class += [{"task": i, "class": task.classes[k], "samples": counts[k],
-                              "oracle": oracle_by_class[k], "routed": routed_by_class[k]}
+                              "oracle": oracle_by_class[k], "routed": routed_by_class[k],
+                              "routing": routing_by_class[k]}
                              for k in range(task.num_classes)]
     net.train(was_training)
     return result
@@ -565,7 +603,8 @@ class RoutingRecord:
     ``--from``): ``rows[t][i]`` routed accuracy of task i after task t, ``routing_rows[t][i]``
     the fraction of task i's test samples routed to task i, ``per_class`` the latest step's
     per-class table (:class:`RoutedEvaluation`), ``router`` the latest task classifier
-    (``classifier`` mode), ``seconds`` the time spent routing per task."""
+    (classifier modes) or the feature statistics (``lda``), ``seconds`` the time spent routing
+    per task."""
 
     mode: str
     buffer_per_task: int | None
@@ -573,7 +612,22 @@ class RoutingRecord:
     routing_rows: list[list[float] | None] = field(default_factory=list)
     per_class: list[dict] = field(default_factory=list)
     seconds: list[float | None] = field(default_factory=list)
-    router: TaskRouter | None = None
+    router: "TaskRouter | FeatureStatistics | None" = None
+
+    def kept(self) -> str:
+        """What this routing keeps besides the network, in words (``metrics.json``'s ``kept``)."""
+        if self.mode == "classifier":
+            return f"{self.buffer_per_task} training samples per task (inputs), to retrain the task classifier"
+        if self.mode == "classifier-all":
+            return "every training sample of every task (inputs), to retrain the task classifier"
+        if self.mode == "lda":
+            stats = self.router
+            if stats is None:
+                return "feature statistics (no inputs)"
+            K, d = stats.means.shape
+            cov = "one (d, d) covariance" if stats.shared else f"{stats.num_tasks} (d, d) covariances, one per task"
+            return f"feature statistics, no inputs: {K} class means and {cov}, d = {d}"
+        return "nothing (no inputs, no statistics)"
 
     def to_dict(self, num_tasks: int) -> dict:
         """The ``"routing"`` entry of ``metrics.json`` (matrices ``(num_tasks, num_tasks)``,
@@ -588,6 +642,7 @@ class RoutingRecord:
         return {
             "mode": self.mode,
             "buffer_per_task": self.buffer_per_task,
+            "kept": self.kept(),
             "accuracy_matrix": R,
             "acc": None if last is None else sum(last) / len(last),
             "bwt": metrics.backward_transfer(R) if complete else None,
@@ -618,13 +673,52 @@ class RoutingRecord:
             router = None
             if meta["router"] is not None:
                 p = "router."
-                router = TaskRouter.restore(meta["router"], {k[len(p):]: v for k, v in tensors.items()
-                                                             if k.startswith(p)})
+                own = {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
+                if meta["router"].get("kind") == "feature-statistics":
+                    from .feature_routing import FeatureStatistics
+
+                    router = FeatureStatistics.restore(meta["router"], own)
+                else:
+                    router = TaskRouter.restore(meta["router"], own)
             return cls(meta["mode"], meta["buffer_per_task"], [None if r is None else list(r) for r in meta["rows"]],
                        [None if r is None else list(r) for r in meta["routing_rows"]], list(meta["per_class"]),
                        list(meta["seconds"]), router)
         except (KeyError, TypeError) as exc:
             raise CheckpointError(f"the checkpoint's routing record is incomplete ({type(exc).__name__}: {exc})") from None
+
+
+@torch.no_grad()
+def update_statistics(net: ContinualNetwork, tasks: Sequence[TaskData], stats=None, method=None,
+                      batch_size: int = 1024, device: str | torch.device = "cpu", shrinkage: float | None = None):
+    """The feature statistics of ``--routing lda`` (:class:`sparsecl.feature_routing.FeatureStatistics`)
+    for ``tasks`` (the tasks seen so far, in order): ``stats`` extended with every task it lacks
+    (a new one when ``None``). Each missing task's whole training set goes once through the
+    network (eval mode, no gradient; its own subnetwork for weight-level methods); only the
+    class means and the within-class scatter are kept. ``method``'s unit ledger (EideticNets,
+    CLNP) gives each task's view (the units it reads). ``net`` is never changed.
+
+    Raises:
+        ConfigError: see :func:`common_prepare` and ``FeatureStatistics.add_task``.
+    """
+    from .feature_routing import SHRINKAGE, FeatureStatistics, head_source_owner
+
+    prepare = common_prepare(tasks)
+    shared = shared_features(net)
+    if stats is None:
+        stats = FeatureStatistics(shared, net.head_features, SHRINKAGE if shrinkage is None else shrinkage)
+    elif stats.shared != shared:
+        raise ConfigError("these feature statistics were taken with another feature layout (shared body pass vs "
+                          "a subnetwork per task)")
+    owner = head_source_owner(net, method) if shared else None
+    was_training = net.training
+    net.eval()
+    for j in range(stats.num_tasks, len(tasks)):
+        task = tasks[j]
+        h = [net.features(prepare(task.train_x[s:s + batch_size].to(device)), j).cpu()
+             for s in range(0, len(task.train_y), batch_size)]
+        stats.add_task(torch.cat(h), task.train_y, task.num_classes, owner)
+    net.train(was_training)
+    return stats
 
 
 class RoutingEvaluator:
@@ -650,10 +744,10 @@ class RoutingEvaluator:
         if cfg.routing == "oracle":
             state.routing = None
             return
-        if self.method.features_per_task:
-            raise ConfigError(f"--routing {cfg.routing} routes each sample through one shared feature pass; "
-                              f"method '{self.method.name}' computes each task's features with its own "
-                              "subnetwork: use --routing oracle")
+        if self.method.features_per_task and cfg.routing.startswith("classifier"):
+            raise ConfigError(f"--routing {cfg.routing} reads the features of one shared body pass; method "
+                              f"'{self.method.name}' computes each task's features with its own subnetwork: use "
+                              "--routing entropy or --routing lda (they run every task's subnetwork)")
         common_prepare(benchmark.tasks)
         buffer = cfg.router_buffer if cfg.routing == "classifier" else None
         rec = state.routing
@@ -672,9 +766,12 @@ class RoutingEvaluator:
         start = time.perf_counter()
         seen = benchmark.tasks[: t + 1]
         routing_net = net
-        if cfg.routing == "classifier":
+        if cfg.routing == "lda":
+            rec.router = update_statistics(net, seen, rec.router, self.method, cfg.eval_batch_size, cfg.device)
+        if cfg.routing.startswith("classifier"):
             free = free_units_of(self.method) if cfg.router_free_units else None
-            rec.router = fit_router(net, seen, ExemplarBuffer(cfg.router_buffer, cfg.seed), cfg.router_epochs,
+            size = cfg.router_buffer if cfg.routing == "classifier" else None
+            rec.router = fit_router(net, seen, ExemplarBuffer(size, cfg.seed), cfg.router_epochs,
                                     cfg.router_lr, cfg.batch_size, cfg.seed, cfg.device, cfg.router_hidden,
                                     free, cfg.eval_batch_size)
             routing_net = rec.router.install(net)
