@@ -209,6 +209,35 @@ def test_permute_first(data_root):
     assert torch.equal(plain.tasks[1].train_x, first.tasks[1].train_x)
 
 
+def test_a_permuted_task_split_is_derived_without_building_the_task(data_root):
+    """LazyTasks.split gives the tensors the built task holds (the same computation, repeated),
+    builds no task for it, and keeps each derived split so that it is derived once."""
+    from sparsecl.data.types import LazyTasks, task_split
+
+    options = dict(num_tasks=4, max_train_per_task=300, max_test_per_task=100)
+    bench, reference = permuted_mnist(data_root, **options), permuted_mnist(data_root, **options)
+    built = []
+    source = bench.tasks._source
+    original = source.build
+    source.build = lambda i: built.append(i) or original(i)
+    for t in (3, 1, 2):
+        for split in ("test", "val", "train"):
+            x, y = task_split(bench.tasks, t, split)
+            assert torch.equal(x, getattr(reference.tasks[t], f"{split}_x"))
+            assert torch.equal(y, getattr(reference.tasks[t], f"{split}_y"))
+    assert built == []
+    again = bench.tasks.split(3, "test")
+    assert again[0] is bench.tasks.split(3, "test")[0]  # kept, not derived again
+    task = bench.tasks[0]  # a task in the cache: its own tensors
+    assert bench.tasks.split(0, "test")[0] is task.test_x
+    assert bench.tasks[1:].split(1, "test")[0] is bench.tasks.split(2, "test")[0]  # a slice's index
+    with pytest.raises(ConfigError, match="LazyTasks.split\\(name=...\\): must be one of train, val, test"):
+        bench.tasks.split(0, "valid")
+    tiny = LazyTasks(3, lambda i: reference.tasks[i], split_cache_bytes=0)  # no builder, no room
+    assert torch.equal(tiny.split(2, "test")[1], reference.tasks[2].test_y) and tiny._source.splits == {}
+    assert task_split([task], 0, "val")[0] is task.val_x  # a plain list
+
+
 # ----------------------------------------------------------------------------- determinism
 
 

@@ -141,6 +141,40 @@ def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x[idx]
 
 
+def _split_indices(
+    task_id: int,
+    classes: tuple[int, ...],
+    train_y: torch.Tensor,
+    test_y: torch.Tensor,
+    *,
+    seed: int,
+    val_fraction: float,
+    max_train: int | None,
+    max_test: int | None,
+    splits: tuple[str, ...] = ("train", "val", "test"),
+    pools: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The rows of ``train`` / ``test`` (by their labels ``train_y``, ``test_y``) each split of
+    the task holds: seeded subsets and a seeded validation split of the training part, in the
+    original order. ``splits``: the splits wanted (the test split alone is cheaper). ``pools``:
+    the rows of ``classes`` in ``"train"`` and ``"test"`` when the caller knows them (every task
+    of Permuted MNIST holds every class)."""
+    wanted = torch.tensor(classes)
+
+    def pool(split: str, y: torch.Tensor) -> torch.Tensor:
+        if pools is not None and split in pools:
+            return pools[split]
+        return torch.isin(y, wanted).nonzero().flatten()
+
+    out = {}
+    if "test" in splits:
+        out["test"] = _subset(pool("test", test_y), max_test, _generator(seed, "test-subset", task_id))
+    if "train" in splits or "val" in splits:
+        train_idx = _subset(pool("train", train_y), max_train, _generator(seed, "train-subset", task_id))
+        out["train"], out["val"] = _val_split(train_idx, val_fraction, _generator(seed, "val-split", task_id))
+    return out
+
+
 def _make_task(
     task_id: int,
     name: str,
@@ -155,36 +189,34 @@ def _make_task(
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
     augment: bool = False,
+    pools: dict[str, torch.Tensor] | None = None,
 ) -> TaskData:
     """One task made of the samples of ``classes`` in ``train`` / ``test`` (``(x, y)`` pairs with
     original labels): seeded subsets, a seeded validation split of the training part, labels
     remapped to local indices, and ``transform`` applied to every image tensor. ``normalize`` and
-    ``augment`` are stored in the task (see :class:`TaskData`)."""
-    lut = torch.full((int(max(classes)) + 1,), -1, dtype=torch.int64)
-    lut[list(classes)] = torch.arange(len(classes))
-    wanted = torch.tensor(classes)
-
-    def indices(y: torch.Tensor) -> torch.Tensor:
-        return torch.isin(y, wanted).nonzero().flatten()
-
-    train_idx = _subset(indices(train[1]), max_train, _generator(seed, "train-subset", task_id))
-    test_idx = _subset(indices(test[1]), max_test, _generator(seed, "test-subset", task_id))
-    train_idx, val_idx = _val_split(train_idx, val_fraction, _generator(seed, "val-split", task_id))
-    if len(train_idx) == 0:
+    ``augment`` are stored in the task (see :class:`TaskData`); ``pools`` as in
+    :func:`_split_indices`."""
+    idx = _split_indices(task_id, classes, train[1], test[1], seed=seed, val_fraction=val_fraction,
+                         max_train=max_train, max_test=max_test, pools=pools)
+    if len(idx["train"]) == 0:
         raise ConfigError(
             f"task {task_id} ({name}) has no training samples left after holding out "
             f"val_fraction={val_fraction}; lower val_fraction or raise max_train_per_task"
         )
-    transform = transform or (lambda x: x)
-
-    def part(xy: tuple[torch.Tensor, torch.Tensor], idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return transform(_take(xy[0], idx)), lut[xy[1][idx]]
-
-    train_x, train_y = part(train, train_idx)
-    val_x, val_y = part(train, val_idx)
-    test_x, test_y = part(test, test_idx)
+    train_x, train_y = _split_part(classes, train, idx["train"], transform)
+    val_x, val_y = _split_part(classes, train, idx["val"], transform)
+    test_x, test_y = _split_part(classes, test, idx["test"], transform)
     return TaskData(task_id, name, tuple(int(c) for c in classes), train_x, train_y, val_x, val_y, test_x, test_y,
                     normalize=normalize, augment=bool(augment))
+
+
+def _split_part(classes: tuple[int, ...], xy: tuple[torch.Tensor, torch.Tensor], idx: torch.Tensor,
+                transform: Callable[[torch.Tensor], torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``idx`` of ``xy``: images through ``transform``, labels remapped to local indices."""
+    lut = torch.full((int(max(classes)) + 1,), -1, dtype=torch.int64)
+    lut[list(classes)] = torch.arange(len(classes))
+    x = _take(xy[0], idx)
+    return (transform(x) if transform is not None else x), lut[xy[1][idx]]
 
 
 def _sizes(tasks: list[TaskData]) -> list[dict[str, int]]:
@@ -359,19 +391,25 @@ def permuted_mnist(
     table = _permutation_table(num_tasks, seed)
     permute_first = bool(permute_first)
     classes = tuple(range(10))
+    pools = {"train": torch.arange(len(train[1])), "test": torch.arange(len(test[1]))}  # every task: all digits
+    options = dict(seed=seed, val_fraction=val_fraction, max_train=max_train_per_task, max_test=max_test_per_task)
+
+    def transform(t: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        if t == 0 and not permute_first:
+            return None
+        perm = table[t].long()
+        return lambda x: x.flatten(1).index_select(1, perm).view(x.shape)
 
     def build(t: int) -> TaskData:
-        transform = None
-        if t > 0 or permute_first:
-            perm = table[t].long()
-            transform = lambda x, p=perm: x.flatten(1)[:, p].view(x.shape)  # noqa: E731
-        return _make_task(
-            t, f"permuted-mnist:{t}", classes, train, test,
-            seed=seed, val_fraction=val_fraction, max_train=max_train_per_task,
-            max_test=max_test_per_task, transform=transform,
-        )
+        return _make_task(t, f"permuted-mnist:{t}", classes, train, test, transform=transform(t), pools=pools,
+                          **options)
 
-    tasks = LazyTasks(num_tasks, build, lambda t: TaskHeader(t, f"permuted-mnist:{t}", classes))
+    def split(t: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        # one split of task t from its permutation: the rows and pixels build(t) gives it
+        idx = _split_indices(t, classes, train[1], test[1], splits=(name,), pools=pools, **options)[name]
+        return _split_part(classes, test if name == "test" else train, idx, transform(t))
+
+    tasks = LazyTasks(num_tasks, build, lambda t: TaskHeader(t, f"permuted-mnist:{t}", classes), split=split)
     first = tasks[0]
     info = {
         "dataset": "MNIST",

@@ -118,12 +118,23 @@ def header_of(task: TaskData) -> TaskHeader:
     return TaskHeader(task.task_id, task.name, task.classes, task.normalize, task.augment)
 
 
-class _Source:
-    """The builder of a lazy task list and the cache of the tasks it built last."""
+#: Bytes of split tensors (e.g. every task's test set) a lazy task list keeps besides its cached
+#: tasks, so that re-evaluating earlier tasks does not rebuild them (:meth:`LazyTasks.split`).
+SPLIT_CACHE_BYTES = 512 * 2**20
 
-    def __init__(self, build: Callable[[int], TaskData], header: Callable[[int], TaskHeader], cache: int):
+
+class _Source:
+    """The builder of a lazy task list, the cache of the tasks it built last, and the cache of
+    single splits (:meth:`LazyTasks.split`)."""
+
+    def __init__(self, build: Callable[[int], TaskData], header: Callable[[int], TaskHeader], cache: int,
+                 split: Callable[[int, str], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 split_cache_bytes: int = SPLIT_CACHE_BYTES):
         self.build, self.header, self.size = build, header, cache
         self.cache: OrderedDict[int, TaskData] = OrderedDict()
+        self.build_split, self.split_budget = split, split_cache_bytes
+        self.splits: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.split_bytes = 0
 
     def get(self, i: int) -> TaskData:
         if i in self.cache:
@@ -135,17 +146,43 @@ class _Source:
             self.cache.popitem(last=False)
         return task
 
+    def split(self, i: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (i, name)
+        if key in self.splits:
+            return self.splits[key]
+        if i in self.cache or self.build_split is None:
+            task = self.get(i)
+            xy = (getattr(task, f"{name}_x"), getattr(task, f"{name}_y"))
+        else:
+            xy = self.build_split(i, name)
+        size = sum(t.numel() * t.element_size() for t in xy)
+        # Keep the first splits that fit and never evict: an evaluation pass reads the tasks in
+        # the same order every time, which an LRU cache smaller than the stream would always miss.
+        if self.split_bytes + size <= self.split_budget:
+            self.splits[key] = xy
+            self.split_bytes += size
+        return xy
+
 
 class LazyTasks(Sequence[TaskData]):
     """A benchmark's task list whose tasks are built when accessed (``build(i)``), so that a long
     stream (10,000 Permuted-MNIST tasks) does not hold every task's images at once: only the
     ``cache`` tasks accessed last are kept (plus those a caller holds). ``header(i)`` tells a
-    task's id, classes and input pipeline without building it. Slices are lazy views."""
+    task's id, classes and input pipeline without building it. Slices are lazy views.
+
+    ``split(i, name)`` derives one split of task ``i`` (``"train"``, ``"val"`` or ``"test"``:
+    ``(x, y)`` as the built task would hold them) without building the whole task, e.g. a
+    permuted task's test set from its permutation; without it, :meth:`split` builds the task.
+    Splits read through :meth:`split` are kept up to ``split_cache_bytes`` in all (the first that
+    fit), so re-evaluating every earlier task after every task derives each test set once."""
 
     def __init__(self, length: int, build: Callable[[int], TaskData],
                  header: Callable[[int], TaskHeader] | None = None, cache: int = 2,
+                 split: Callable[[int, str], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 split_cache_bytes: int = SPLIT_CACHE_BYTES,
                  _source: _Source | None = None, _indices: range | None = None):
-        self._source = _source or _Source(build, header or (lambda i: header_of(build(i))), cache)
+        self._source = _source or _Source(build, header or (lambda i: header_of(build(i))), cache, split,
+                                          split_cache_bytes)
         self._indices = range(length) if _indices is None else _indices
 
     def __len__(self) -> int:
@@ -167,6 +204,17 @@ class LazyTasks(Sequence[TaskData]):
 
     def header(self, i: int) -> TaskHeader:
         return self._source.header(self._indices[i])
+
+    def split(self, i: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, y)`` of split ``name`` (``"train"``, ``"val"``, ``"test"``) of task ``i``, the
+        tensors the built task holds (or equal ones), derived without building the task when the
+        list has a split builder; kept in the split cache while it has room.
+
+        Raises:
+            ConfigError: ``name`` is not a split."""
+        if name not in SPLITS:
+            raise ConfigError(f"LazyTasks.split(name=...): must be one of {', '.join(SPLITS)}, got {name!r}")
+        return self._source.split(self._indices[i], name)
 
     def __repr__(self) -> str:
         return f"LazyTasks({len(self)} tasks)"
@@ -197,13 +245,30 @@ class LazyTasks(Sequence[TaskData]):
             p, j = where(i)
             return replace(task_header(p, j), task_id=i)
 
-        return LazyTasks(total, build, header)
+        def split(i: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+            p, j = where(i)
+            return task_split(p, j, name)
+
+        return LazyTasks(total, build, header, split=split, split_cache_bytes=0)  # the parts cache their splits
 
 
 def normalization_record(normalize) -> list | None:
     """A task's ``TaskData.normalize`` as a checkpoint manifest or a compact file keeps it:
     ``[mean, std]`` lists, or ``None``."""
     return None if normalize is None else [list(normalize[0]), list(normalize[1])]
+
+
+#: The splits of a task.
+SPLITS = ("train", "val", "test")
+
+
+def task_split(tasks: Sequence[TaskData], i: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)`` of split ``name`` of task ``i``, without building the task when ``tasks`` is
+    lazy (:meth:`LazyTasks.split`)."""
+    if isinstance(tasks, LazyTasks):
+        return tasks.split(i, name)
+    task = tasks[i]
+    return getattr(task, f"{name}_x"), getattr(task, f"{name}_y")
 
 
 def task_header(tasks: Sequence[TaskData], i: int) -> TaskHeader:
