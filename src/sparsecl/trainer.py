@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from . import distributed, metrics
-from .config import OPTIMIZERS, TrainConfig, check_device
+from .config import OPTIMIZERS, TrainConfig, check_device, parse_eval_tasks
 from .data.augment import random_crop_flip
-from .data.types import Benchmark, LazyTasks, TaskData, task_header
+from .data.types import SPLIT_CACHE_BYTES, Benchmark, LazyTasks, TaskData, task_header, task_split
 from .distributed import World
 from .errors import CheckpointError, ConfigError, DataError, DivergenceError, ForgettingError
 from .evaluation import accuracy, as_float, predict
@@ -355,6 +355,7 @@ class RunResult:
     benchmark_info: dict = field(default_factory=dict)
     routing: dict | None = None  # RoutingRecord.to_dict(): task-agnostic results, when routing is on
     bits_per_parameter: dict[str, list[float]] = field(default_factory=dict)  # Method.storage per task
+    eval_seconds_per_task: list[float] = field(default_factory=list)  # of seconds_per_task: the accuracy matrix's row and the probe check
     network: ContinualNetwork | None = field(default=None, repr=False, compare=False)
     history: list[HistoryRow] = field(default_factory=list, repr=False, compare=False)
 
@@ -386,6 +387,7 @@ class RunResult:
             "versions": metrics.versions(),
             "seconds": sum(self.seconds_per_task),
             "seconds_per_task": self.seconds_per_task,
+            **({"eval_seconds_per_task": self.eval_seconds_per_task} if self.eval_seconds_per_task else {}),
             **({"routing": self.routing} if self.routing is not None else {}),
             **({"bits_per_parameter": self.bits_per_parameter} if self.bits_per_parameter else {}),
         }
@@ -396,14 +398,15 @@ class RunState:
     """What the task loop carries from one task to the next. With the network and the method's
     ``state()``, it is everything a checkpoint needs to continue a run bit for bit.
 
-    ``rows[t][i]``: test accuracy of task i after task t (i <= t); ``probes[i]``: task i's probe
-    inputs and the logits recorded when it ended; ``capacity``/``reuse``: per layer, one entry
-    per task; ``seconds``: wall time per task; ``routing``: the task-agnostic results and the
+    ``rows[t][i]``: test accuracy of task i after task t (i <= t; ``None`` where not measured,
+    see ``TrainConfig.eval_every``); ``probes[i]``: task i's probe inputs and the logits
+    recorded when it ended; ``capacity``/``reuse``: per layer, one entry per task; ``seconds``:
+    wall time per task, of which ``eval_seconds`` measuring (row t and the probe check); ``routing``: the task-agnostic results and the
     latest task classifier (``None`` unless routing is on); ``bits``: ``Method.storage`` after
     each task (key → one value per task; empty for methods without per-weight bookkeeping).
     """
 
-    rows: list[list[float]] = field(default_factory=list)
+    rows: list[list[float | None]] = field(default_factory=list)
     probes: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     capacity: dict[str, list[float]] = field(default_factory=dict)
     reuse: dict[str, dict[str, list[int]]] = field(default_factory=dict)
@@ -411,6 +414,7 @@ class RunState:
     max_change: float = 0.0
     routing: RoutingRecord | None = None
     bits: dict[str, list[float]] = field(default_factory=dict)
+    eval_seconds: list[float] = field(default_factory=list)
 
     @property
     def tasks_done(self) -> int:
@@ -427,7 +431,7 @@ class RunState:
             tensors[f"probe_x.{i}"], tensors[f"probe_logits.{i}"] = x, logits
         meta = {"rows": self.rows, "capacity": self.capacity, "reuse": self.reuse,
                 "seconds": self.seconds, "max_change": self.max_change if math.isfinite(self.max_change) else "inf",
-                "bits": self.bits}
+                "bits": self.bits, "eval_seconds": self.eval_seconds}
         if self.routing is not None:
             routing_tensors, meta["routing"] = self.routing.to_checkpoint()
             tensors.update(routing_tensors)
@@ -448,7 +452,7 @@ class RunState:
             routing = RoutingRecord.from_checkpoint(tensors, meta["routing"])
         return cls([list(r) for r in meta["rows"]], probes, meta["capacity"], meta["reuse"],
                    list(meta["seconds"]), math.inf if change == "inf" else float(change), routing,
-                   {k: list(v) for k, v in meta.get("bits", {}).items()})
+                   {k: list(v) for k, v in meta.get("bits", {}).items()}, list(meta.get("eval_seconds", [])))
 
 
 def check_task(task: TaskData, t: int, head_classes: int | None = None) -> None:
@@ -493,9 +497,15 @@ class Trainer:
     """Runs a method over a benchmark's task stream.
 
     After task t it fills row t of the accuracy matrix R[t][i] (test accuracy of every task
-    i <= t, re-evaluated, never copied forward) and compares every earlier task's logits on its
-    probe batch with those recorded when that task ended. Any difference is reported as
+    i <= t, re-evaluated, never copied forward; with ``config.eval_every``/``eval_tasks`` only
+    the new task and the tasks named, the other cells ``None``, and every task after the last)
+    and compares every earlier task's logits on its probe batch with those recorded when that
+    task ended, after every task whatever ``eval_every``. Any difference is reported as
     ``max_logit_change``; for a method with ``isolates = True`` it raises ``ForgettingError``.
+    Each task's test set is read once per run where memory allows (a lazy benchmark's test sets
+    are derived without building their tasks and kept, see ``LazyTasks.split``; on a GPU they
+    stay on the device), so that the evaluation after task t costs one pass over each evaluated
+    test set and nothing else that grows with t.
 
     ``callbacks``: what reports the run while it learns (``sparsecl.loggers``: the run history,
     TensorBoard; ``sparsecl.console``: progress bars); ``config.progress`` adds a console
@@ -520,6 +530,7 @@ class Trainer:
         self.world = world
         self.callbacks = list(callbacks)
         self.evaluators = list(evaluators) if evaluators is not None else default_evaluators(self.config, method)
+        self._test_sets: TestSets | None = None  # during fit: the run's test sets as the evaluation reads them
 
     def fit(self, model: nn.Module | ContinualNetwork, benchmark: Benchmark, state: RunState | None = None,
             on_task_end: Callable[[ContinualNetwork, RunState], None] | None = None) -> RunResult:
@@ -565,6 +576,10 @@ class Trainer:
             net = model.to(cfg.device)
         T = benchmark.num_tasks
         check_stream_length(method, T)
+        named = parse_eval_tasks(cfg.eval_tasks)
+        if named is not None and named[-1] >= T:
+            what = f"eval_tasks names task {named[-1]}, but the stream has {T} tasks (0..{T - 1})"
+            raise ConfigError(f"TrainConfig(eval_tasks=...): {what}", cli=f"--eval-tasks: {what}")
         lazy = isinstance(benchmark.tasks, LazyTasks)  # its tasks are checked when they start, not built now
         for t in range(state.tasks_done, T):  # refuse a bad task now, not after hours of training
             if not lazy:
@@ -585,6 +600,7 @@ class Trainer:
                 callbacks.append(ConsoleProgress())
         report = CallbackList(callbacks)
         report.on_run_start(T, state.tasks_done)
+        self._test_sets = TestSets(benchmark.tasks, cfg.device)
         try:
             with loss_function(net, cfg.loss):
                 for t in range(state.tasks_done, T):
@@ -593,10 +609,11 @@ class Trainer:
                         on_task_end(net, state)
         finally:
             report.on_run_end()
+            self._test_sets = None
         return RunResult(state.matrix(T), state.max_change, state.capacity, state.seconds, cfg.describe(),
                          state.reuse, method.name, benchmark.name, dict(benchmark.info),
                          None if state.routing is None else state.routing.to_dict(T), state.bits,
-                         network=net, history=history.rows)
+                         state.eval_seconds, network=net, history=history.rows)
 
     def _learn_task(self, net: ContinualNetwork, benchmark: Benchmark, t: int, state: RunState,
                     report: Callback) -> None:
@@ -624,7 +641,8 @@ class Trainer:
         routed = None
         if state.routing is not None and state.routing.rows and state.routing.rows[-1] is not None:
             routed = list(state.routing.rows[-1])
-        report.on_task_end(TaskSummary(t, task.name, benchmark.num_tasks, list(state.rows[t]),
+        measured = [math.nan if a is None else a for a in state.rows[t]]  # NaN: not evaluated after this task
+        report.on_task_end(TaskSummary(t, task.name, benchmark.num_tasks, measured,
                                        {name: used[-1] for name, used in state.capacity.items()}, units,
                                        state.seconds[-1], routed))
 
@@ -637,22 +655,29 @@ class Trainer:
         distributed.check_identical(checksum, self.world, f"after task {t}")
 
     def _record(self, net: ContinualNetwork, benchmark: Benchmark, t: int, state: RunState) -> None:
-        """Row t of the accuracy matrix, the bitwise check of every earlier task, capacity."""
+        """Row t of the accuracy matrix (the tasks ``config.evaluated_tasks`` names), the bitwise
+        check of every earlier task, capacity."""
         cfg, method = self.config, self.method
+        started = time.perf_counter()
+        tests = self._test_sets if self._test_sets is not None else TestSets(benchmark.tasks, cfg.device)
         net.eval()
-        probe_x = benchmark.tasks[t].test_x[: cfg.probe_size]
-        state.probes.append((probe_x, predict(net, probe_x, t, cfg.eval_batch_size, cfg.device,
-                                              benchmark.tasks[t].prepare).cpu()))
-        state.rows.append([accuracy(net, prev.test_x, prev.test_y, i, cfg.eval_batch_size, cfg.device, prev.prepare,
-                                    self.world) for i, prev in enumerate(benchmark.tasks[: t + 1])])
+        # a copy: a view would keep the task's whole test set alive for the rest of the run
+        probe_x = benchmark.tasks[t].test_x[: cfg.probe_size].clone()
+        state.probes.append((probe_x, predict(net, tests.probe(t, probe_x), t, cfg.eval_batch_size, cfg.device,
+                                              tests.prepare(t)).cpu()))
+        row: list[float | None] = [None] * (t + 1)
+        for i in cfg.evaluated_tasks(t, benchmark.num_tasks):
+            row[i] = self._test_accuracy(net, tests, i)
+        state.rows.append(row)
         for i, (px, logits) in enumerate(state.probes[:-1]):
-            now = predict(net, px, i, cfg.eval_batch_size, cfg.device, task_prepare(benchmark.tasks, i)).cpu()
+            now = predict(net, tests.probe(i, px), i, cfg.eval_batch_size, cfg.device, tests.prepare(i)).cpu()
             change, same = logit_change(px, now, logits)
             state.max_change = max(state.max_change, change)
             if method.isolates and not same:
                 raise ForgettingError(
                     f"method '{method.name}' changed the logits of task {i} while learning "
                     f"task {t} (largest absolute change {change:g}); zero forgetting broke")
+        state.eval_seconds.append(time.perf_counter() - started)
         for name, used in method.capacity(net).items():
             state.capacity.setdefault(name, []).append(used)
         for key, bits in method.storage(net).items():
@@ -660,6 +685,64 @@ class Trainer:
         for name, counts in method.reuse(net).items():
             for key, n in counts.items():
                 state.reuse.setdefault(name, {}).setdefault(key, []).append(n)
+
+
+    @torch.no_grad()  # not inference_mode: a forward pass may cache tensors (masks) that training reuses
+    def _test_accuracy(self, net: ContinualNetwork, tests: "TestSets", i: int) -> float:
+        """Test accuracy of task ``i`` (eval mode): one pass over its test set in batches of
+        ``eval_batch_size``, the correct predictions counted on the device (the logits of
+        ``predict``, batch for batch)."""
+        cfg = self.config
+        x, y = tests.get(i)
+        if self.world is not None:
+            return accuracy(net, x, y, i, cfg.eval_batch_size, cfg.device, tests.prepare(i), self.world)
+        if len(x) == 0:
+            raise ConfigError(f"cannot measure accuracy of task {i} on an empty set")
+        prepare, size = tests.prepare(i), cfg.eval_batch_size
+        correct = torch.zeros((), dtype=torch.long, device=cfg.device)
+        for s in range(0, len(x), size):
+            logits = net(prepare(x[s:s + size].to(cfg.device)), i)
+            correct += (logits.argmax(1) == y[s:s + size].to(cfg.device)).sum()
+        return int(correct) / len(x)
+
+
+class TestSets:
+    """The test sets (and probe inputs) of a run's tasks as the evaluation reads them, each
+    fetched once where memory allows: a lazy task list derives a test set without building
+    its task (``LazyTasks.split``, which keeps it); on an accelerator the tensors are kept on the
+    device up to ``budget`` bytes (the first tasks that fit, so a pass over every task does not
+    evict what the next pass needs). Prepare functions are made once per task."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, tasks, device: str, budget: int = SPLIT_CACHE_BYTES):
+        self.tasks, self.device, self.budget, self.used = tasks, torch.device(device), budget, 0
+        self._on_device: dict[tuple[str, int], tuple[torch.Tensor, ...]] = {}
+        self._prepare: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
+
+    def _keep(self, key: tuple[str, int], tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        if self.device.type == "cpu":
+            return tensors
+        if key in self._on_device:
+            return self._on_device[key]
+        moved = tuple(t.to(self.device) for t in tensors)
+        size = sum(t.numel() * t.element_size() for t in moved)
+        if self.used + size <= self.budget:
+            self._on_device[key], self.used = moved, self.used + size
+        return moved
+
+    def get(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, y)`` of task ``i``'s test split, on the device when it was kept there."""
+        return self._keep(("test", i), task_split(self.tasks, i, "test"))
+
+    def probe(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Task ``i``'s probe inputs ``x``, on the device when they were kept there."""
+        return self._keep(("probe", i), (x,))[0]
+
+    def prepare(self, i: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        if i not in self._prepare:
+            self._prepare[i] = task_prepare(self.tasks, i)
+        return self._prepare[i]
 
 
 def task_prepare(tasks, i: int) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -208,10 +208,19 @@ R, D, M, T, RT, O = SECTIONS
 @option("--lr", type=float, default=_TRAIN["lr"], show_default=True, help="learning rate", section=T)
 @option("--weight-decay", type=float, default=_TRAIN["weight_decay"], show_default=True, section=T)
 @option("--momentum", type=float, default=_TRAIN["momentum"], show_default=True, help="SGD momentum", section=T)
+@option("--eval-every", type=int, default=_TRAIN["eval_every"], show_default=True,
+        help="re-evaluate the earlier tasks' test sets after every K-th task only (the new task and the bitwise "
+             "probe check of every earlier task run after every task; every task after the last)", section=T)
+@option("--eval-tasks", default=_TRAIN["eval_tasks"], show_default=True,
+        help="the earlier tasks re-evaluated after a task: 'all' or indices and ranges such as 0,5,10-19 "
+             "(every task after the last)", section=T)
 @option("--routing", type=click.Choice(ROUTING_MODES), default=_TRAIN["routing"], show_default=True,
         help="also evaluate task-agnostic inference after every task: 'classifier' (EideticNets' task "
-             "classifier; keeps --router-buffer training samples of every task) or 'entropy' (the "
-             "head with the lowest entropy; keeps no data); 'oracle': task ids given only", section=RT)
+             "classifier; keeps --router-buffer training samples of every task), 'classifier-all' (the same, "
+             "retrained on every training sample of every task seen: keeps the whole stream), 'entropy' (the "
+             "head with the lowest entropy; keeps no data) or 'lda' (class means and a shrunk covariance of the "
+             "features; keeps no inputs); entropy and lda also route weight-level methods, through every "
+             "task's subnetwork; 'oracle': task ids given only", section=RT)
 @option("--router-buffer", type=int, default=_TRAIN["router_buffer"], show_default=True,
         help="--routing classifier: training samples kept per task to retrain the router after every task",
         section=RT)
@@ -424,9 +433,10 @@ def _spec(options: dict, given: set[str], resume: Path | None, from_checkpoint: 
                               classes_per_task=options["classes_per_task"],
                               normalize=options["normalize"]).items() if v is not None}}
     train = {k: options[k] for k in ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "momentum", "seed",
-                                     "routing", *_ROUTER_OPTIONS)}
+                                     "eval_every", "eval_tasks", "routing", *_ROUTER_OPTIONS)}
     if options["routing"] != "classifier":
-        stray = sorted(k for k in _ROUTER_OPTIONS if k in given)
+        stray = sorted(k for k in _ROUTER_OPTIONS if k in given
+                       and (options["routing"] != "classifier-all" or k == "router_buffer"))
         if stray:
             raise ConfigError(f"{flags(click.get_current_context(), stray)} configure(s) the task classifier of "
                               f"--routing classifier; --routing is {options['routing']}")
