@@ -83,6 +83,8 @@ class FeatureStatistics(nn.Module):
         if not 0.0 <= shrinkage <= 1.0:
             raise ConfigError(f"the covariance shrinkage must lie in [0, 1], got {shrinkage}")
         self.shared, self.shrinkage = bool(shared), float(shrinkage)
+        #: shared layout's rule: "chain" (the chain rule over nested views) or "novelty"
+        self.rule = "chain"
         d = int(num_features)
         f64 = torch.float64
         self.register_buffer("means", torch.zeros(0, d, dtype=f64))
@@ -217,6 +219,8 @@ class FeatureStatistics(nn.Module):
             h = features.detach().to("cpu", torch.float64)
             if h.ndim != 2 or h.shape[1] != self.num_features:
                 raise ConfigError(f"features of shape {tuple(h.shape)}; the statistics have {self.num_features}")
+            if self.rule == "novelty":
+                return self._novelty(h)
             out = h.new_zeros(len(h), T)
             carry = h.new_zeros(len(h))  # log P(task > k - 1)
             for k, (idx, W, wmeans) in enumerate(self._views()):
@@ -238,6 +242,18 @@ class FeatureStatistics(nn.Module):
             m = self.means[self.class_task == t] @ W.T
             scores.append(-0.5 * torch.cdist(z, m).square().min(1).values)
         return torch.stack(scores, 1)
+
+    def _novelty(self, h: torch.Tensor) -> torch.Tensor:
+        """Per task ``k``, in its own view ``U_k`` (``p_k`` features): the squared Mahalanobis
+        distance ``D^2`` to its nearest class, standardized as a chi-square with ``p_k`` degrees of
+        freedom, ``-(D^2 - p_k) / sqrt(2 p_k)``: comparable across views of different sizes."""
+        out = []
+        for k, (idx, W, wmeans) in enumerate(self._views()):
+            p = max(len(idx), 1)
+            own = self.class_task[self.class_task >= k] == k
+            d2 = torch.cdist(h[:, idx] @ W.T, wmeans[own]).square().min(1).values if len(idx) else h.new_zeros(len(h))
+            out.append(-(d2 - p) / (2 * p) ** 0.5)
+        return torch.stack(out, 1)
 
     # ---- checkpoint ----------------------------------------------------------------------------
     def describe(self) -> dict:

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
+from .. import metrics
 from ..atomic import write_json_atomic
 from ..checkpoint import load_checkpoint
 from ..compact import read_compact
@@ -38,8 +39,9 @@ from .common import check_parent, fail, flags
 @click.option("--download", is_flag=True, default=None)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--routing", type=click.Choice(ROUTING_MODES), default="oracle", show_default=True,
-              help="also measure task-agnostic accuracy: 'entropy' (needs nothing more) or 'classifier' (the "
-                   "task router the run saved with --routing classifier)")
+              help="also measure task-agnostic accuracy: 'entropy' (needs nothing more), 'classifier' or "
+                   "'classifier-all' (the task router the run saved with that --routing) or 'lda' (the feature "
+                   "statistics the run saved with --routing lda)")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="also write the accuracies to this JSON file")
 def evaluate(checkpoint, benchmark, num_tasks, seed, permute_first, max_test_per_task, classes_per_task,
@@ -58,12 +60,15 @@ def evaluate(checkpoint, benchmark, num_tasks, seed, permute_first, max_test_per
             net, _, state = restore(ckpt)
         net.to(device).eval()
         router = None
-        if routing == "classifier":
-            router = None if state is None or state.routing is None else state.routing.router
+        if routing in ("classifier", "classifier-all", "lda"):
+            saved = None if state is None else state.routing
+            router = None if saved is None or saved.mode != routing else saved.router
             if router is None:
-                why = ("a compact model keeps no task router" if state is None
-                       else "its run did not use --routing classifier")
-                raise ConfigError(f"{ckpt.path} holds no task router ({why}); --routing entropy needs none")
+                why = ("a compact model keeps no router" if state is None
+                       else f"its run did not use --routing {routing}")
+                what = "feature statistics" if routing == "lda" else "task router"
+                raise ConfigError(f"{ckpt.path} holds no {what} of --routing {routing} ({why}); "
+                                  "--routing entropy needs none")
             router.to(device)
         if benchmark is None:
             only_with = [k for k in ("num_tasks", "seed", "permute_first", "max_test_per_task",
@@ -123,7 +128,12 @@ def evaluate(checkpoint, benchmark, num_tasks, seed, permute_first, max_test_per
     if routed is not None:
         mean_routed = sum(routed.routed) / len(rows)
         click.echo(f"mean routed accuracy ({routing}) {100 * mean_routed:.2f}%")
-        report["routing"] = {"mode": routing, "mean_routed_accuracy": mean_routed, "per_class": routed.per_class}
+        mean_share = sum(routed.routing) / len(rows)
+        drop = metrics.mean_class_drop([c["oracle"] for c in routed.per_class], [c["routed"] for c in routed.per_class])
+        click.echo(f"routing accuracy {100 * mean_share:.2f}%   mean per-class drop "
+                   f"{'n/a' if drop is None else f'{100 * drop:.2f} points'}")
+        report["routing"] = {"mode": routing, "mean_routed_accuracy": mean_routed, "mean_routing_accuracy": mean_share,
+                             "mean_class_drop": drop, "per_class": routed.per_class}
     if json_out is not None:
         write_json_atomic(json_out, report)
 
