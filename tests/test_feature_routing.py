@@ -208,3 +208,34 @@ def test_weight_level_lda_routes_better_than_chance_and_round_trips(wsn_trained)
     assert torch.equal(routed_predict(net, x, "lda", again)[0], routed_predict(net, x, "lda", stats)[0])
     with pytest.raises(ConfigError, match="per task: pass a list of 3"):
         stats.task_scores(torch.zeros(2, 16))
+
+
+@pytest.mark.parametrize("method", ["eidetic", "wsn"])
+def test_lda_through_the_cli_run_eval_and_report(tmp_path, method):
+    import json
+
+    from click.testing import CliRunner
+
+    from sparsecl.cli import main
+
+    out = tmp_path / "run"
+    args = ["run", "--method", method, "--tasks", "2", "--epochs", "2", "--hidden", "32,32", "--batch-size", "32",
+            "--max-train-per-task", "300", "--max-test-per-task", "200", "--no-progress", "--routing", "lda",
+            "--out", str(out)]
+    if method == "eidetic":
+        args += ["--patience", "1"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    r = json.loads((out / "metrics.json").read_text())["routing"]
+    assert r["mode"] == "lda" and r["buffer_per_task"] is None and "no inputs" in r["kept"]
+    evaluated = CliRunner().invoke(main, ["eval", str(out), "--routing", "lda", "--json", str(tmp_path / "e.json")])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "routing accuracy" in evaluated.output and "mean per-class drop" in evaluated.output
+    saved = json.loads((tmp_path / "e.json").read_text())
+    assert [row["routed_accuracy"] for row in saved["tasks"]] == r["accuracy_matrix"][-1]
+    assert [row["routing_accuracy"] for row in saved["tasks"]] == r["routing_accuracy"][-1]
+    assert saved["routing"]["per_class"] == r["per_class"]
+    refused = CliRunner().invoke(main, ["eval", str(out), "--routing", "classifier"])
+    assert refused.exit_code != 0 and "holds no task router of --routing classifier" in refused.output
+    assert CliRunner().invoke(main, ["report", str(out)]).exit_code == 0
+    assert (out / "routing.png").read_bytes().startswith(b"\x89PNG")

@@ -213,7 +213,7 @@ def test_routing_needs_one_input_pipeline_and_says_so_before_training():
 
 
 @pytest.mark.parametrize("field, value, match", [
-    ("routing", "foo", "--routing must be one of oracle, classifier, entropy, got 'foo'"),
+    ("routing", "foo", "--routing must be one of oracle, classifier, classifier-all, entropy, lda, got 'foo'"),
     ("router_buffer", 0, "--router-buffer must be at least 1, got 0"),
     ("router_epochs", 0, "--router-epochs must be at least 1, got 0"),
     ("router_lr", 0.0, "--router-lr must be above 0, got 0.0"),
@@ -261,10 +261,10 @@ def test_run_with_routing_through_the_cli_writes_metrics_report_and_eval(tmp_pat
     assert "routed ACC" in result.output and "routing accuracy" in result.output
     metrics = json.loads((out / "metrics.json").read_text())
     r = metrics["routing"]
-    assert set(r) == {"mode", "buffer_per_task", "accuracy_matrix", "acc", "bwt", "forgetting", "routing_accuracy",
-                      "per_class", "mean_class_drop", "seconds_per_task"}
+    assert set(r) == {"mode", "buffer_per_task", "kept", "accuracy_matrix", "acc", "bwt", "forgetting",
+                      "routing_accuracy", "per_class", "mean_class_drop", "seconds_per_task"}
     assert r["mode"] == "classifier" and r["buffer_per_task"] == 100 and len(r["per_class"]) == 10
-    assert {"task", "class", "samples", "oracle", "routed"} == set(r["per_class"][0])
+    assert {"task", "class", "samples", "oracle", "routed", "routing"} == set(r["per_class"][0])
     assert metrics["config"]["routing"] == "classifier" and metrics["config"]["router_epochs"] == 10
     evaluated = CliRunner().invoke(main, ["eval", str(out), "--routing", "classifier", "--json", str(tmp_path / "e.json")])
     assert evaluated.exit_code == 0, evaluated.output

@@ -65,8 +65,11 @@ class TrainConfig:
     ``router_lr``; a Linear head, or an MLP head with ``router_hidden`` hidden units) on at most
     ``router_buffer`` kept training samples *per task* (so this mode keeps data of earlier
     tasks), with units of its own in the capacity no task owns when ``router_free_units`` and the
-    method keeps a unit ledger (else a head on the frozen features); or ``"entropy"``, the head
-    with the lowest softmax entropy (keeps no data). Routing draws from generators of its own
+    method keeps a unit ledger (else a head on the frozen features); ``"classifier-all"``, the same
+    on every training sample of every task (keeps the whole stream); ``"entropy"``, the head
+    with the lowest softmax entropy (keeps no data); or ``"lda"``, class means and a shrunk
+    covariance of the features (keeps no inputs). Entropy and lda also route weight-level
+    methods, through every task's subnetwork. Routing draws from generators of its own
     and never changes the network: the task-incremental results are the same bit for bit
     whatever ``routing`` is.
 

@@ -167,9 +167,17 @@ class FeatureStatistics(nn.Module):
         return out
 
     def _whitener(self, cov: torch.Tensor) -> torch.Tensor:
-        """``W`` with ``W^T W = shrunk(cov)^-1``: the inverse of the Cholesky factor."""
-        L = torch.linalg.cholesky(self._shrunk(cov))
-        return torch.linalg.solve_triangular(L, torch.eye(len(L), dtype=L.dtype), upper=False)
+        """``W`` with ``W^T W = shrunk(cov)^-1``, from the eigendecomposition. The pooled
+        estimate of the shared layout divides entries by different counts, so it need not be
+        positive semi-definite: eigenvalues are floored at the shrinkage's share of the mean
+        variance (what shrinkage gives a positive semi-definite estimate)."""
+        if len(cov) == 0:
+            return cov.new_zeros(0, 0)
+        shrunk = self._shrunk(cov)
+        lam, V = torch.linalg.eigh((shrunk + shrunk.T) / 2)
+        mean_var = float(cov.diagonal().sum()) / len(cov)
+        floor = max(self.shrinkage * mean_var, 1e-9 * max(mean_var, 1e-12), 1e-12)
+        return lam.clamp_min(floor).rsqrt()[:, None] * V.T
 
     def _views(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Per view ``k`` (shared layout): its feature indices, whitener ``(p, p)`` and the
@@ -254,6 +262,10 @@ class FeatureStatistics(nn.Module):
             d2 = torch.cdist(h[:, idx] @ W.T, wmeans[own]).square().min(1).values if len(idx) else h.new_zeros(len(h))
             out.append(-(d2 - p) / (2 * p) ** 0.5)
         return torch.stack(out, 1)
+
+    def install(self, net):
+        """The network to route with: ``net`` itself (statistics add no units)."""
+        return net
 
     # ---- checkpoint ----------------------------------------------------------------------------
     def describe(self) -> dict:

@@ -26,12 +26,22 @@ Two routers:
   softmax has the lowest entropy wins. It keeps no data (and on Split MNIST it routes poorly:
   binary heads are confident on digits they never saw).
 
+* ``"classifier-all"``: the same task classifier trained as in the reference code's protocol, on
+  the meta-task of *every* training sample of every task seen (``ExemplarBuffer(None)``): it
+  keeps the whole stream of training inputs, ``sum_t N_t`` samples.
+* ``"lda"`` (:mod:`sparsecl.feature_routing`, :func:`update_statistics`): class means and a shrunk
+  covariance of the penultimate features, accumulated task by task; keeps no input, O(d^2) once
+  plus O(d) per class (O(d^2) per task for weight-level methods).
+
+Weight-level methods (PackNet, WSN, DST, TinySubNets) and single-task training have no shared
+feature pass: ``entropy`` and ``lda`` run every task's subnetwork on the whole batch
+(:func:`task_outputs`: a loop over tasks, batched over samples), about ``T`` task-id forwards per
+sample (``benchmarks/routing_cost.py``); the classifier modes refuse them.
+
 Routing never changes the network or a task's logits: the task-incremental results are the same
 bit for bit (``tests/test_routing.py``). It works for every method whose tasks have their own head:
 a head of their own (multi-head) or their own bias and unit mask on a shared output layer (single
 head), because ``net.head_logits(h, t)`` is exactly what ``net(x, t)`` computes after the body.
-A weight-level method would route the same way through its heads; giving the router free
-*weights* of its own would need that method's weight ledger (no such method is in this release).
 
 One input pipeline: a task-agnostic sample has no task to choose its input normalization from,
 so routing needs every task to prepare its inputs the same way (:func:`common_prepare`).
@@ -57,7 +67,8 @@ from .errors import CheckpointError, ConfigError, DivergenceError, ForgettingErr
 from .evaluation import predict
 from .network import ContinualNetwork
 
-#: ``--routing`` values: ``oracle`` (task id given: task-incremental only), ``classifier``, ``entropy``.
+#: ``--routing`` values (``ROUTING_MODES``): ``oracle`` (task id given: task-incremental only), ``classifier``,
+#: ``classifier-all``, ``entropy``, ``lda``.
 
 
 def _generator(*key) -> torch.Generator:
@@ -723,8 +734,8 @@ def update_statistics(net: ContinualNetwork, tasks: Sequence[TaskData], stats=No
 
 class RoutingEvaluator:
     """Task-agnostic evaluation after every task, an evaluator of the task loop
-    (``sparsecl.evaluation``): in ``classifier`` mode, refit the task router on the kept samples
-    of the tasks seen so far and check on the probe batches that its units leave every task's
+    (``sparsecl.evaluation``): in ``lda`` mode, add the new task's feature statistics; in the
+    classifier modes, refit the task router on the kept samples of the tasks seen so far and check on the probe batches that its units leave every task's
     logits bitwise as they are; then route every seen task's test set. The record lives in
     ``state.routing`` (:class:`RoutingRecord`), saved with the run's checkpoint. Draws from no
     RNG that the rest of the run uses."""
