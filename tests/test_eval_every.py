@@ -163,3 +163,30 @@ def test_a_lazy_stream_builds_each_task_once(data_root):
     again = Trainer(Finetune(), TrainConfig(epochs=1, batch_size=50)).fit(mlp((1, 28, 28), (16,), 10), bench)
     assert sorted(built) == [1, 2, 3, 4] and ("test" in {name for _, name in derived})
     assert again.accuracy_matrix == result.accuracy_matrix  # the same run, repeated
+
+
+def test_the_command_line_options(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from sparsecl.cli import main
+
+    fast = ["run", "--method", "packnet", "--retrain-epochs", "1", "--epochs", "1", "--hidden", "16",
+            "--no-progress", "-q"]
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, [*fast, "--eval-every", "2", "--eval-tasks", "0", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert _pattern(metrics["accuracy_matrix"]) == [[True, False, False, False, False],
+                                                    [True, True, False, False, False],
+                                                    [False, False, True, False, False],
+                                                    [True, False, False, True, False],
+                                                    [True] * 5]
+    assert metrics["config"]["eval_every"] == 2 and metrics["config"]["eval_tasks"] == "0"
+    assert metrics["bwt"] is not None and len(metrics["eval_seconds_per_task"]) == 5
+    assert (out / "accuracy_matrix.csv").read_text().splitlines()[3] == "2,,," + str(metrics["accuracy_matrix"][2][2]) + ",,"
+    result = CliRunner().invoke(main, [*fast, "--eval-tasks", "0,9", "--out", str(tmp_path / "bad")])
+    assert result.exit_code != 0 and "--eval-tasks: eval_tasks names task 9, but the stream has 5 tasks" in result.output
+    result = CliRunner().invoke(main, [*fast, "--eval-every", "0", "--out", str(tmp_path / "bad")])
+    assert result.exit_code != 0 and "--eval-every must be at least 1, got 0" in result.output

@@ -355,7 +355,7 @@ class RunResult:
     benchmark_info: dict = field(default_factory=dict)
     routing: dict | None = None  # RoutingRecord.to_dict(): task-agnostic results, when routing is on
     bits_per_parameter: dict[str, list[float]] = field(default_factory=dict)  # Method.storage per task
-    eval_seconds_per_task: list[float] = field(default_factory=list)  # of seconds_per_task: the accuracy matrix's row and the probe check
+    eval_seconds_per_task: list[float] = field(default_factory=list)  # of seconds_per_task: row t, probe check
     network: ContinualNetwork | None = field(default=None, repr=False, compare=False)
     history: list[HistoryRow] = field(default_factory=list, repr=False, compare=False)
 
@@ -401,9 +401,10 @@ class RunState:
     ``rows[t][i]``: test accuracy of task i after task t (i <= t; ``None`` where not measured,
     see ``TrainConfig.eval_every``); ``probes[i]``: task i's probe inputs and the logits
     recorded when it ended; ``capacity``/``reuse``: per layer, one entry per task; ``seconds``:
-    wall time per task, of which ``eval_seconds`` measuring (row t and the probe check); ``routing``: the task-agnostic results and the
-    latest task classifier (``None`` unless routing is on); ``bits``: ``Method.storage`` after
-    each task (key → one value per task; empty for methods without per-weight bookkeeping).
+    wall time per task, of which ``eval_seconds`` measuring (row t and the probe check);
+    ``routing``: the task-agnostic results and the latest task classifier (``None`` unless
+    routing is on); ``bits``: ``Method.storage`` after each task (key → one value per task;
+    empty for methods without per-weight bookkeeping).
     """
 
     rows: list[list[float | None]] = field(default_factory=list)
@@ -686,7 +687,6 @@ class Trainer:
             for key, n in counts.items():
                 state.reuse.setdefault(name, {}).setdefault(key, []).append(n)
 
-
     @torch.no_grad()  # not inference_mode: a forward pass may cache tensors (masks) that training reuses
     def _test_accuracy(self, net: ContinualNetwork, tests: "TestSets", i: int) -> float:
         """Test accuracy of task ``i`` (eval mode): one pass over its test set in batches of
@@ -720,12 +720,12 @@ class TestSets:
         self._on_device: dict[tuple[str, int], tuple[torch.Tensor, ...]] = {}
         self._prepare: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
 
-    def _keep(self, key: tuple[str, int], tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    def _keep(self, key: tuple[str, int], fetch: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
         if self.device.type == "cpu":
-            return tensors
+            return fetch()
         if key in self._on_device:
             return self._on_device[key]
-        moved = tuple(t.to(self.device) for t in tensors)
+        moved = tuple(t.to(self.device) for t in fetch())
         size = sum(t.numel() * t.element_size() for t in moved)
         if self.used + size <= self.budget:
             self._on_device[key], self.used = moved, self.used + size
@@ -733,11 +733,11 @@ class TestSets:
 
     def get(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, y)`` of task ``i``'s test split, on the device when it was kept there."""
-        return self._keep(("test", i), task_split(self.tasks, i, "test"))
+        return self._keep(("test", i), lambda: task_split(self.tasks, i, "test"))
 
     def probe(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Task ``i``'s probe inputs ``x``, on the device when they were kept there."""
-        return self._keep(("probe", i), (x,))[0]
+        return self._keep(("probe", i), lambda: (x,))[0]
 
     def prepare(self, i: int) -> Callable[[torch.Tensor], torch.Tensor]:
         if i not in self._prepare:
