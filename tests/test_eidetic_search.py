@@ -154,12 +154,21 @@ def test_network_scope_ranks_normalized_scores_over_all_layers():
     assert int(capped[first].sum()) == 1 and int(capped[second].sum()) == 3
 
 
+def test_tasks_after_prune_tasks_keep_every_free_unit():
+    method, result = _run("bisect", "val", tasks=2, prune_tasks=1)
+    assert max(method.log[0]["kept"].values()) < 48 and method.log[0]["pruned"]
+    assert method.log[1]["search"] == "none" and not any(method.log[1]["pruned"].values())
+    assert all(used[-1] == 1.0 for used in result.capacity.values())  # the last task took every free unit
+    assert result.max_logit_change == 0.0
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(prune_search="jump"), "--prune-search must be one of bisect, walk"),
     (dict(stop_on="test"), "--stop-on must be one of val, train, train-running"),
     (dict(score_scope="model"), "--score-scope must be one of layer, network"),
     (dict(stop_on="val", accuracy_samples=100), "--accuracy-samples bounds the training-set measurement"),
     (dict(stop_on="train-running", recovery_epochs=0), "needs --recovery-epochs >= 1"),
+    (dict(prune_tasks=-1), "--prune-tasks must be at least 0"),
 ])
 def test_bad_search_options_are_refused_with_the_flag_named(options, message):
     with pytest.raises(ConfigError, match=message):

@@ -76,6 +76,9 @@ class EideticConfig:
     fresh_scores: bool = _opt("taylor: score with a pass of its own over the training set (eval mode) each "
                               "time, instead of the gradients of the last training or recovery epoch",
                               default=False)
+    prune_tasks: int | None = _opt("prune only the first N tasks; later ones keep every unit that was free for "
+                                   "them (the reference implementation does not prune its last task)",
+                                   default=None)
     score_scope: str = _opt("'layer': every layer prunes the same share of its units; 'network': scores are "
                             "normalized per layer and one threshold over all layers picks the share of "
                             "all remaining units (the reference implementation's Taylor pruning)",
@@ -97,6 +100,8 @@ class EideticConfig:
             raise ConfigError(f"--tolerance must be in [0, 1), got {self.tolerance}")
         if not 0 <= self.max_pruned_ratio <= 1:
             raise ConfigError(f"--max-pruned-ratio must be in [0, 1], got {self.max_pruned_ratio}")
+        if self.prune_tasks is not None and self.prune_tasks < 0:
+            raise ConfigError(f"--prune-tasks must be at least 0, got {self.prune_tasks}")
         for name in ("score_batches", "accuracy_samples"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -226,8 +231,11 @@ class EideticNets(NeuronIsolation):
         entry = {"task": t, "search": cfg.prune_search, "stop_on": cfg.stop_on, "epochs": epochs,
                  "start_accuracy": best, "steps": 0, "rounds": 0, "rolled_back": False, "trials": [],
                  "accepted": []}
-        search = self._walk if cfg.prune_search == "walk" else self._bisect
-        best, final = search(session, limit, best, entry)
+        if cfg.prune_tasks is not None and t >= cfg.prune_tasks:
+            entry["search"], final = "none", best
+        else:
+            search = self._walk if cfg.prune_search == "walk" else self._bisect
+            best, final = search(session, limit, best, entry)
         entry["best_accuracy"] = best
         entry["threshold"] = best * (1 - cfg.tolerance)
         entry["final_accuracy"] = final
