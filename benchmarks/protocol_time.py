@@ -12,8 +12,9 @@ task before pruning) and over the walk with the same score and stop rule.
     python benchmarks/protocol_time.py [--data-root DIR] [--scores l2,taylor] [--stop-on val]
         [--searches walk,bisect] [--extra bisect:train-running,...] [--json OUT.json]
 
-``--extra SEARCH:STOP_ON`` adds runs with another stop rule (both scores), e.g.
-``walk:train-running`` for the reference implementation's rule. The machine's load average is
+``--extra SEARCH:STOP_ON[:N]`` adds runs with another stop rule (both scores), e.g.
+``walk:train-running`` for the reference implementation's rule, or ``bisect:val:2`` pruning only
+the first 2 tasks (``--prune-tasks``; the reference leaves its last task unpruned). The machine's load average is
 printed before and after: these ratios are only comparable within one window.
 """
 
@@ -68,7 +69,7 @@ def main() -> None:
     p.add_argument("--scores", default="l2,taylor")
     p.add_argument("--searches", default="walk,bisect")
     p.add_argument("--stop-on", default=EideticConfig.stop_on)
-    p.add_argument("--extra", default="", help="more runs, SEARCH:STOP_ON comma-separated")
+    p.add_argument("--extra", default="", help="more runs, SEARCH:STOP_ON[:PRUNE_TASKS] comma-separated")
     p.add_argument("--only", default="", help="run only these names (comma-separated), e.g. finetune,bisect-l2-val")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args()
@@ -78,13 +79,18 @@ def main() -> None:
                            val_fraction=args.val_fraction, max_train_per_task=args.max_train_per_task)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     plan = [("finetune", None)]
-    variants = [(s, args.stop_on) for s in args.searches.split(",") if s]
-    variants += [tuple(v.split(":")) for v in args.extra.split(",") if v]
-    for score in args.scores.split(","):
-        for search, stop_on in variants:
-            plan.append((f"{search}-{score}-{stop_on}", EideticConfig(
+    variants = [(s, args.stop_on, None) for s in args.searches.split(",") if s]
+    for v in args.extra.split(","):
+        if v:
+            search, stop_on, *rest = v.split(":")
+            variants.append((search, stop_on, int(rest[0]) if rest else None))
+    for search, stop_on, prune_tasks in variants:
+        for score in args.scores.split(","):
+            suffix = "" if prune_tasks is None else f"-first{prune_tasks}"
+            plan.append((f"{search}-{score}-{stop_on}{suffix}", EideticConfig(
                 score=score, prune_search=search, stop_on=stop_on, patience=args.patience,
-                recovery_epochs=args.recovery_epochs, prune_step=args.prune_step, tolerance=args.tolerance)))
+                recovery_epochs=args.recovery_epochs, prune_step=args.prune_step, tolerance=args.tolerance,
+                prune_tasks=prune_tasks)))
     if args.only:
         keep = set(args.only.split(","))
         plan = [item for item in plan if item[0] in keep]
@@ -106,8 +112,9 @@ def main() -> None:
 
     by_name = {r["name"]: r for r in results}
     plain = by_name.get("finetune")
-    print("\n| run | ACC | s | s/task | epochs (train+recovery) | units kept per task | × plain | × walk |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| run | ACC | s | s/task | epochs (train+recovery) | units kept per task | × plain | × walk, same rule "
+          "| × walk, train-running |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         epochs = sum(t["epochs"] for t in r["tasks"])
         recovery = sum(t["recovery_epochs"] for t in r["tasks"])
@@ -116,14 +123,14 @@ def main() -> None:
         if plain is not None:  # plain training of the epochs this run trained before pruning
             per_epoch = plain["seconds"] / sum(t["epochs"] for t in plain["tasks"])
             vs_plain = f"{r['seconds'] / (per_epoch * epochs):.2f}"
-        vs_walk = ""
-        parts = r["name"].split("-", 1)
-        walk = by_name.get("walk-" + parts[1]) if len(parts) == 2 and parts[0] != "walk" else None
-        if walk is not None:
-            vs_walk = f"{r['seconds'] / walk['seconds']:.2f}"
+        search, _, rest = r["name"].partition("-")
+        score = rest.split("-")[0]
+        same = by_name.get(f"walk-{rest}") if search == "bisect" else None
+        running = by_name.get(f"walk-{score}-train-running") if search == "bisect" else None
+        ratios = [f"{r['seconds'] / w['seconds']:.2f}" if w else "" for w in (same, running)]
         per_task = " / ".join(f"{t['seconds']:.0f}" for t in r["tasks"])
         print(f"| {r['name']} | {100 * r['acc']:.2f}% | {r['seconds']:.0f} | {per_task} | {epochs}+{recovery} | "
-              f"{kept} | {vs_plain} | {vs_walk} |")
+              f"{kept} | {vs_plain} | {ratios[0]} | {ratios[1]} |")
 
 
 if __name__ == "__main__":
