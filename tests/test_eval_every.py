@@ -190,3 +190,24 @@ def test_the_command_line_options(tmp_path):
     assert result.exit_code != 0 and "--eval-tasks: eval_tasks names task 9, but the stream has 5 tasks" in result.output
     result = CliRunner().invoke(main, [*fast, "--eval-every", "0", "--out", str(tmp_path / "bad")])
     assert result.exit_code != 0 and "--eval-every must be at least 1, got 0" in result.output
+
+
+def test_a_run_with_unmeasured_cells_reports_and_resumes(tmp_path):
+    """Cells left unmeasured by --eval-every are null in metrics.json and in the checkpoint's
+    manifest: ``sparsecl report`` draws them blank and ``--resume`` loads the manifest."""
+    import json
+
+    from click.testing import CliRunner
+
+    from sparsecl.cli import main
+
+    out = tmp_path / "run"
+    fast = ["--method", "packnet", "--retrain-epochs", "1", "--epochs", "1", "--hidden", "16", "--no-progress", "-q"]
+    result = CliRunner().invoke(main, ["run", *fast, "--tasks", "3", "--eval-every", "5", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "metrics.json").read_text())["accuracy_matrix"][1][0] is None
+    result = CliRunner().invoke(main, ["report", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "accuracy_matrix.png").exists() and "| 1 |  |" in (out / "report.md").read_text()
+    result = CliRunner().invoke(main, ["run", "--resume", str(out)])  # loads (and validates) the manifest
+    assert result.exit_code == 0 and "has finished all 3 tasks" in result.output, result.output

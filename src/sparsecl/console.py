@@ -7,6 +7,7 @@ never wrapped, method INFO lines such as pruning steps only when asked for).
 from __future__ import annotations
 
 import logging
+import math
 import sys
 
 from rich.console import Console
@@ -58,9 +59,10 @@ def units_text(summary: TaskSummary) -> str:
 def summary_line(summary: TaskSummary) -> str:
     """One line per task: its accuracy, the mean over the tasks seen, units kept, seconds."""
     acc = summary.accuracies
-    mean = sum(acc) / len(acc)
+    measured = [a for a in acc if not math.isnan(a)]  # --eval-every leaves earlier tasks unmeasured
+    mean = sum(measured) / len(measured)
     text = (f"task {summary.task + 1}/{summary.num_tasks} ({summary.name}): accuracy {100 * acc[-1]:.2f}%, "
-            f"mean over {len(acc)} task(s) {100 * mean:.2f}%")
+            f"mean over {len(measured)} measured task(s) {100 * mean:.2f}%")
     if summary.routed is not None and all(r is not None for r in summary.routed):
         text += f", routed {100 * sum(summary.routed) / len(summary.routed):.2f}%"
     units = units_text(summary)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 from dataclasses import astuple, dataclass, field, fields
 from pathlib import Path
@@ -223,9 +224,10 @@ class TensorBoardLogger(Callback):
 
     def on_task_end(self, summary: TaskSummary) -> None:
         t = summary.task
-        for i, acc in enumerate(summary.accuracies):
+        measured = [(i, acc) for i, acc in enumerate(summary.accuracies) if not math.isnan(acc)]  # --eval-every
+        for i, acc in measured:
             self.writer.add_scalar(f"accuracy/task{i}", acc, t)
-        self.writer.add_scalar("accuracy/mean", sum(summary.accuracies) / len(summary.accuracies), t)
+        self.writer.add_scalar("accuracy/mean", sum(a for _, a in measured) / len(measured), t)
         for name, used in summary.capacity.items():
             self.writer.add_scalar(f"capacity/{name}", used, t)
         self.writer.flush()

@@ -166,6 +166,8 @@ def _validate_run(run: Any, tasks_done: int) -> None:
         if not isinstance(row, list) or len(row) != t + 1:
             _fail(f"run.rows[{t}]", f"a list of {t + 1} accuracies", row)
         for i, a in enumerate(row):
+            if a is None and i < t:  # an earlier task not re-evaluated after task t (--eval-every)
+                continue
             _num(f"run.rows[{t}][{i}]", a, 0.0, 1.0)
     for name, values in _dict("run.capacity", run.get("capacity")).items():
         for j, v in enumerate(_list(f"run.capacity.{name}", values)):

@@ -150,9 +150,12 @@ def _check(m: dict[str, Any], path: Path) -> None:
             raise ConfigError(f"{path}: key \"accuracy_matrix\" row {t} must be a list of {T} entries "
                               f"(one per task); got {json.dumps(row)[:80]}")
         for i, a in enumerate(row):
-            ok = (a is None and i > t) or (_is_num(a) and 0.0 <= a <= 1.0)
+            # null: above the diagonal (not learned yet), or below it in a row that --eval-every /
+            # --eval-tasks did not measure; the diagonal and the last row are always measured
+            may_be_null = i > t or (i < t and t < T - 1)
+            ok = (a is None and may_be_null) or (_is_num(a) and 0.0 <= a <= 1.0)
             if not ok:
-                need = "a number in [0, 1] or null" if i > t else "a number in [0, 1]"
+                need = "a number in [0, 1] or null" if may_be_null else "a number in [0, 1]"
                 raise ConfigError(f"{path}: key \"accuracy_matrix\" entry [{t}][{i}] must be {need}; "
                                   f"got {json.dumps(a)}")
     cap = m.get("capacity")
