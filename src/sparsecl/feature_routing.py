@@ -270,7 +270,7 @@ class FeatureStatistics(nn.Module):
     # ---- checkpoint ----------------------------------------------------------------------------
     def describe(self) -> dict:
         return {"kind": "feature-statistics", "shared": self.shared, "num_features": self.num_features,
-                "shrinkage": self.shrinkage}
+                "shrinkage": self.shrinkage, "rule": self.rule}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.state_dict().items()}
@@ -284,6 +284,7 @@ class FeatureStatistics(nn.Module):
         """
         try:
             stats = cls(bool(description["shared"]), int(description["num_features"]), float(description["shrinkage"]))
+            stats.rule = str(description.get("rule", "chain"))
             for name in ("means", "class_task", "scatter", "dof", "owner"):
                 setattr(stats, name, tensors[name].clone())
             K, d = stats.means.shape
