@@ -239,3 +239,4 @@ def test_lda_through_the_cli_run_eval_and_report(tmp_path, method):
     assert refused.exit_code != 0 and "holds no task router of --routing classifier" in refused.output
     assert CliRunner().invoke(main, ["report", str(out)]).exit_code == 0
     assert (out / "routing.png").read_bytes().startswith(b"\x89PNG")
+    assert f"| data kept for routing | {r['kept']} |" in (out / "report.md").read_text()

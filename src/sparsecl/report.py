@@ -672,7 +672,7 @@ def _duration(s: float | None) -> str:
 
 def _routing_markdown(r: dict[str, Any], T: int, oracle_acc: float | None) -> list[str]:
     cells = lambda row: ["" if a is None else f"{100 * a:.2f}" for a in row]  # noqa: E731
-    kept = ("none (entropy routing keeps no data)" if r.get("buffer_per_task") is None
+    kept = (r["kept"] if r.get("kept") else "none (entropy routing keeps no data)" if r.get("buffer_per_task") is None
             else f"{r['buffer_per_task']} training samples per task, kept to retrain the router")
     out = ["", f"## Task-agnostic inference ({r['mode']} routing)", "",
            "Every test sample is routed to a task head without its task id, in one pass of the network.", ""]
