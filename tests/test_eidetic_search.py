@@ -154,6 +154,15 @@ def test_network_scope_ranks_normalized_scores_over_all_layers():
     assert int(capped[first].sum()) == 1 and int(capped[second].sum()) == 3
 
 
+@pytest.mark.parametrize("search", ["bisect", "walk"])
+def test_without_raise_best_the_threshold_stays_the_accuracy_before_pruning(search):
+    method, _ = _run(search, "val", raise_best=False)
+    for entry in method.log:
+        _check_rule(entry)
+        assert entry["best_accuracy"] == entry["start_accuracy"]
+        assert {t["threshold"] for t in entry["trials"]} == {entry["threshold"]}
+
+
 def test_tasks_after_prune_tasks_keep_every_free_unit():
     method, result = _run("bisect", "val", tasks=2, prune_tasks=1)
     assert max(method.log[0]["kept"].values()) < 48 and method.log[0]["pruned"]
