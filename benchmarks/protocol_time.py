@@ -12,9 +12,10 @@ task before pruning) and over the walk with the same score and stop rule.
     python benchmarks/protocol_time.py [--data-root DIR] [--scores l2,taylor] [--stop-on val]
         [--searches walk,bisect] [--extra bisect:train-running,...] [--json OUT.json]
 
-``--extra SEARCH:STOP_ON[:N]`` adds runs with another stop rule (both scores), e.g.
-``walk:train-running`` for the reference implementation's rule, or ``bisect:val:2`` pruning only
-the first 2 tasks (``--prune-tasks``; the reference leaves its last task unpruned). The machine's load average is
+``--extra SEARCH:STOP_ON[:FIELD=VALUE...]`` adds runs with another stop rule or EideticConfig
+fields (both scores), e.g. ``walk:train-running`` for the reference implementation's rule,
+``bisect:val:prune_tasks=2`` pruning only the first 2 tasks (the reference leaves its last task
+unpruned) or ``bisect:val:raise_best=0``. The machine's load average is
 printed before and after: these ratios are only comparable within one window.
 """
 
@@ -31,6 +32,15 @@ from sparsecl.data.benchmarks import permuted_mnist
 from sparsecl.methods import EideticConfig, EideticNets, Finetune
 from sparsecl.models import mlp
 from sparsecl.trainer import TrainConfig, Trainer
+
+
+def _option(text: str) -> tuple[str, object]:
+    """``key=value`` of an EideticConfig field: an int, a bool (0/1) or a string."""
+    key, _, value = text.partition("=")
+    kind = str(EideticConfig.__dataclass_fields__[key].type)
+    if kind == "bool":
+        return key, value not in ("0", "false", "False")
+    return key, int(value) if "int" in kind else float(value) if "float" in kind else value
 
 
 def run(name, method, bench, config, hidden):
@@ -69,7 +79,7 @@ def main() -> None:
     p.add_argument("--scores", default="l2,taylor")
     p.add_argument("--searches", default="walk,bisect")
     p.add_argument("--stop-on", default=EideticConfig.stop_on)
-    p.add_argument("--extra", default="", help="more runs, SEARCH:STOP_ON[:PRUNE_TASKS] comma-separated")
+    p.add_argument("--extra", default="", help="more runs, SEARCH:STOP_ON[:FIELD=VALUE...] comma-separated")
     p.add_argument("--only", default="", help="run only these names (comma-separated), e.g. finetune,bisect-l2-val")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args()
@@ -79,18 +89,18 @@ def main() -> None:
                            val_fraction=args.val_fraction, max_train_per_task=args.max_train_per_task)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     plan = [("finetune", None)]
-    variants = [(s, args.stop_on, None) for s in args.searches.split(",") if s]
+    variants = [(s, args.stop_on, {}) for s in args.searches.split(",") if s]
     for v in args.extra.split(","):
         if v:
             search, stop_on, *rest = v.split(":")
-            variants.append((search, stop_on, int(rest[0]) if rest else None))
-    for search, stop_on, prune_tasks in variants:
+            variants.append((search, stop_on, dict(_option(kv) for kv in rest)))
+    for search, stop_on, options in variants:
         for score in args.scores.split(","):
-            suffix = "" if prune_tasks is None else f"-first{prune_tasks}"
-            plan.append((f"{search}-{score}-{stop_on}{suffix}", EideticConfig(
-                score=score, prune_search=search, stop_on=stop_on, patience=args.patience,
-                recovery_epochs=args.recovery_epochs, prune_step=args.prune_step, tolerance=args.tolerance,
-                prune_tasks=prune_tasks)))
+            suffix = "".join(f"-{k}={int(v) if isinstance(v, bool) else v}" for k, v in options.items())
+            plan.append((f"{search}-{score}-{stop_on}{suffix}", EideticConfig(**{
+                **dict(score=score, prune_search=search, stop_on=stop_on, patience=args.patience,
+                       recovery_epochs=args.recovery_epochs, prune_step=args.prune_step, tolerance=args.tolerance),
+                **options})))
     if args.only:
         keep = set(args.only.split(","))
         plan = [item for item in plan if item[0] in keep]
