@@ -310,8 +310,6 @@ def test_single_task_leaves_earlier_tasks_bitwise_unchanged(opt):
     assert not any(torch.equal(first, [p for p in b.parameters()][0]) for b in kept[1:])
 
 
-@pytest.mark.xfail(strict=True, reason="export.task_body returns net.body; it must return net.task_bodies[str(task)] "
-                                      "when the task has a body of its own")
 def test_single_task_export_keeps_each_task_logits():
     bench = cluster_benchmark(num_tasks=2)
     torch.manual_seed(0)

@@ -42,20 +42,17 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint, save_checkpoint
+from .data.types import normalization_record
 from .errors import CheckpointError, ConfigError
 from .ledger import FREE
 from .network import ContinualNetwork
 from .storage import MAX_PACKED_TASKS, entropy_decode, entropy_encode, pack_uint, unpack_uint
-
-if TYPE_CHECKING:
-    from .runs import RunSpec  # imported at run time inside the functions: runs imports the methods
 
 FORMAT = "sparsecl-compact"
 VERSION = 1
@@ -284,14 +281,15 @@ def compact_payload(net: ContinualNetwork, codebooks: Codebooks | None = None) -
     return CompactModel(sections, description, T, body + sum(own_params), [body + p for p in own_params], task_bits)
 
 
-def write_compact(path: Path, net: ContinualNetwork, codebooks: Codebooks | None, spec: RunSpec,
+def write_compact(path: Path, net: ContinualNetwork, codebooks: Codebooks | None, spec,
                   input_shape, normalize: list | None = None) -> CompactModel:
     """Write the compact form of ``net`` (``compact_payload``) to ``path`` atomically, as a
     ``checkpoint.save_checkpoint`` file: tensor ``payload`` (uint8, every section concatenated)
     and a manifest with ``compact_format`` "sparsecl-compact", ``compact_version`` 1, the run
-    ``spec`` (``read_compact`` rebuilds its model), ``input_shape``, ``structure``
+    ``spec`` (a ``runs.RunSpec`` or its dict, taken as data; ``read_compact`` rebuilds its
+    model), ``input_shape``, ``structure``
     (``net.structure()``), ``normalize`` (each task's ``TaskData.normalize`` as
-    ``runs.normalization_record``; ``None`` → none for every task), ``sections`` (the section
+    ``data.types.normalization_record``; ``None`` → none for every task), ``sections`` (the section
     table), ``bits_per_parameter`` and ``dense_parameters``. Returns the ``CompactModel``.
 
     Raises:
@@ -300,10 +298,8 @@ def write_compact(path: Path, net: ContinualNetwork, codebooks: Codebooks | None
     compact = compact_payload(net, codebooks)
     if normalize is not None and len(normalize) != net.num_tasks:
         raise ConfigError(f"normalize has {len(normalize)} entries; the network has {net.num_tasks} tasks")
-    from .runs import normalization_record  # runs imports the methods, TinySubNets imports this module
-
     records = [normalization_record(n) for n in (normalize or [None] * net.num_tasks)]
-    manifest = {"compact_format": FORMAT, "compact_version": VERSION, "spec": dataclasses.asdict(spec),
+    manifest = {"compact_format": FORMAT, "compact_version": VERSION, "spec": dataclasses.asdict(spec) if dataclasses.is_dataclass(spec) else dict(spec),
                 "input_shape": list(input_shape), "structure": net.structure(), "normalize": records,
                 "sections": compact.description, "dense_parameters": compact.dense_parameters,
                 "bits_per_parameter": compact.bits_per_parameter()}
@@ -311,6 +307,18 @@ def write_compact(path: Path, net: ContinualNetwork, codebooks: Codebooks | None
     tensor = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else torch.zeros(0, dtype=torch.uint8)
     save_checkpoint(Path(path), manifest, {"payload": tensor})
     return compact
+
+
+def _model_of(spec: dict, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The untrained model a saved run spec names (``models.build``), read as data: the compact
+    format does not import the run machinery (which imports every method, TinySubNets this
+    module). Specs saved before models had names (``{"hidden", "dropout"}``) read as the MLP."""
+    from .models import build
+
+    model = spec["model"]
+    if "name" not in model:
+        model = {"name": "mlp", "options": {"hidden": list(model["hidden"]), "dropout": model["dropout"]}}
+    return build(model["name"], input_shape, num_classes, **model["options"])
 
 
 def _from_bytes(data: bytes, dtype: torch.dtype, shape) -> torch.Tensor:
@@ -334,8 +342,6 @@ def read_compact(path: Path, model: nn.Module | None = None) -> tuple[ContinualN
             entropy-coded mask that does not decode, values that do not match the owners the
             masks give); the message names the file and the section.
     """
-    from .runs import RunSpec, _user_model  # runs imports the methods, TinySubNets imports this module
-
     ckpt = load_checkpoint(path)
     path, manifest = ckpt.path, ckpt.manifest
     if manifest.get("compact_format") != FORMAT:
@@ -351,10 +357,9 @@ def read_compact(path: Path, model: nn.Module | None = None) -> tuple[ContinualN
     try:
         structure = manifest["structure"]
         if model is None:
-            spec = RunSpec(**manifest["spec"])
             with torch.random.fork_rng(devices=[]):  # leave the caller's RNG alone; a fixed init
                 torch.manual_seed(0)
-                model = _user_model(spec, tuple(manifest["input_shape"]), structure["head_classes"][0])
+                model = _model_of(manifest["spec"], tuple(manifest["input_shape"]), structure["head_classes"][0])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             net = ContinualNetwork.restore(model, structure)

@@ -52,8 +52,11 @@ class TaskModel(nn.Module):
 
 def task_body(net: ContinualNetwork, task: int) -> nn.Module:
     """The body that computes task ``task``'s features: the network's own, or with weight-level
-    subnetworks a copy holding the task's masked weights, biases and BatchNorm."""
+    subnetworks a copy holding the task's masked weights, biases and BatchNorm; a body kept for
+    the task (single-task training, ``ContinualNetwork.keep_task_body``) is the task's own."""
     net.check_task_id(task)
+    if str(task) in net.task_bodies:
+        return net.task_bodies[str(task)]
     return net.body if net.subnetworks is None else net.subnetworks.materialize(net.body, task)
 
 

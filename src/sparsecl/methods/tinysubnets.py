@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from sklearn.cluster import KMeans
 from threadpoolctl import threadpool_limits
 
 from ..compact import compact_payload
@@ -81,6 +80,8 @@ def kmeans_codebook(values: torch.Tensor, levels: int, seed: int) -> torch.Tenso
     distinct = torch.unique(flat)
     if len(distinct) <= levels:
         return distinct
+    from sklearn.cluster import KMeans  # here, not at import: scikit-learn costs seconds at start-up
+
     rng = np.random.default_rng(seed)
     data = flat.numpy()
     if len(data) > KMEANS_SAMPLE:
