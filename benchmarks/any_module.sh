@@ -5,9 +5,11 @@
 # parameters) with every method that supports it (the weight-level ones, EideticNets and CLNP).
 # Budget: the first 5 tasks (10 classes each), 500 training and 200 test images per task, 2 epochs,
 # batch 32, Adam lr 2e-3, seed 0 (crop+flip and per-channel normalization: the benchmark's
-# defaults). Every run checks zero forgetting bitwise after every task (the trainer's probe check:
-# a change stops the run). Writes runs/any-module-TAG/; prints one summary row per run and the
-# wall time of each run.
+# defaults). CLNP: one L1 coefficient for all 53 weight layers (--alpha 1e-5), and a layer left
+# without free units is reused frozen (--reuse-full: the MobileNet's 8-channel stem fills up).
+# Every run checks zero forgetting bitwise after every task (the trainer's probe check: a change
+# stops the run). Writes runs/any-module-TAG/; prints the wall time of each run and one summary
+# row per run.
 # Usage: benchmarks/any_module.sh [TAG ...]  (default: every run below)
 #   TAGs: vit-packnet vit-wsn vit-dst vit-tinysubnets mobilenet-packnet mobilenet-wsn mobilenet-dst
 #         mobilenet-tinysubnets mobilenet-eidetic mobilenet-clnp
@@ -34,7 +36,7 @@ for tag in "${tags[@]}"; do
     dst) method=(--method dst --sparsity 0.8 --update-interval 8) ;;
     tinysubnets) method=(--method tinysubnets --density 0.5 --prune-rounds 3 --max-levels 16) ;;
     eidetic) method=(--method eidetic --score l2 --recovery-epochs 1 --tolerance 0.05) ;;
-    clnp) method=(--method clnp --theta-steps 8) ;;
+    clnp) method=(--method clnp --alpha 1e-5 --theta-steps 8 --reuse-full) ;;
     *) echo "unknown run tag '$tag'" >&2; exit 2 ;;
   esac
   start=$(date +%s)
