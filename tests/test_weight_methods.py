@@ -267,7 +267,7 @@ def test_weight_methods_refuse_what_they_cannot_isolate():
     with pytest.raises(ConfigError, match="drop --single-head"):
         Trainer(WSN(), TrainConfig(epochs=1)).fit(ContinualNetwork(mlp((20,), (8,), 3), single_head=True), bench)
 
-    with pytest.raises(ConfigError, match="--routing classifier routes each sample"):
+    with pytest.raises(ConfigError, match="--routing classifier reads the features of one shared body pass"):
         Trainer(WSN(), TrainConfig(epochs=1, routing="classifier")).fit(mlp((20,), (8,), 3), bench)
     net = ContinualNetwork(mlp((20,), (8,), 3))
     net.install_subnetworks("owner")
