@@ -316,3 +316,20 @@ def test_the_cli_checks_the_stream_length_against_the_methods_limit_before_task_
                   "--no-progress", "--data-root", data_root, "--out", tmp_path / "R")
     _clean_error(result, f"can learn at most {limit} tasks", f"--tasks {limit}")
     assert "task 0 done" not in result.output and not (tmp_path / "R").exists()
+
+
+def test_method_option_errors_speak_argument_terms_in_python_and_flags_on_the_command_line(tmp_path):
+    from click.testing import CliRunner
+
+    from sparsecl.cli import main
+    from sparsecl.methods import EideticConfig, PackNetConfig
+
+    with pytest.raises(ConfigError) as info:
+        EideticConfig(prune_search="sideways")
+    assert str(info.value).startswith("EideticConfig(prune_search=...) must be one of")
+    assert info.value.cli_message.startswith("--prune-search must be one of")
+    with pytest.raises(ConfigError, match=r"PackNetConfig\(prune=\.\.\.\) must be in \[0, 1\)"):
+        PackNetConfig(prune=1.5)
+    result = CliRunner().invoke(main, ["run", "--method", "packnet", "--prune", "1.5", "--out", str(tmp_path / "r")])
+    assert result.exit_code != 0 and "--prune must be in [0, 1)" in result.output
+    assert "PackNetConfig" not in result.output and not (tmp_path / "r").exists()

@@ -86,9 +86,9 @@ def test_kmeans_codebook_and_quantize():
 
 
 def test_options_are_checked():
-    with pytest.raises(ConfigError, match="--max-levels must be a power of two"):
+    with pytest.raises(ConfigError, match=r"TinySubNetsConfig\(max_levels=\.\.\.\) must be a power of two"):
         TinySubNetsConfig(max_levels=100)
-    with pytest.raises(ConfigError, match="--prune-fraction must be in"):
+    with pytest.raises(ConfigError, match=r"TinySubNetsConfig\(prune_fraction=\.\.\.\) must be in"):
         TinySubNetsConfig(prune_fraction=1.0)
     assert TinySubNetsConfig(max_levels=16).levels == [2, 4, 8, 16]
 

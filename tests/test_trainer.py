@@ -84,9 +84,9 @@ def test_bad_options_are_refused_with_the_option_named():
     with pytest.raises(ConfigError, match=r"TrainConfig\(batch_size=...\): batch_size must be at least 1") as info:
         TrainConfig(batch_size=0)
     assert info.value.cli_message == "--batch-size must be at least 1, got 0"
-    with pytest.raises(ConfigError, match="--prune-step"):
+    with pytest.raises(ConfigError, match=r"EideticConfig\(prune_step=\.\.\.\)"):
         EideticConfig(prune_step=0)
-    with pytest.raises(ConfigError, match="--score must be one of"):
+    with pytest.raises(ConfigError, match=r"EideticConfig\(score=\.\.\.\) must be one of"):
         EideticConfig(score="random")
     net = ContinualNetwork(mlp((5,), (8,), 2))
     net.add_head(2)
