@@ -139,13 +139,13 @@ def test_l1_penalty_covers_only_the_weights_the_task_trains():
 def test_bad_configuration_is_refused_with_the_option_named():
     with pytest.raises(ConfigError, match="3 weight layers"):
         _run(CLNP(CLNPConfig(alpha="1e-4,1e-5")), tasks=1, epochs=1)
-    with pytest.raises(ConfigError, match="--alpha must be comma-separated numbers"):
+    with pytest.raises(ConfigError, match=r"CLNPConfig\(alpha=\.\.\.\) must be comma-separated numbers"):
         CLNPConfig(alpha="1e-4,x")
-    with pytest.raises(ConfigError, match="--margin"):
+    with pytest.raises(ConfigError, match=r"CLNPConfig\(margin=\.\.\.\)"):
         CLNPConfig(margin=1.5)
-    with pytest.raises(ConfigError, match="--theta-order orders the per-layer θ scan: it needs --theta-per-layer"):
+    with pytest.raises(ConfigError, match=r"CLNPConfig\(theta_order=\.\.\.\) orders the per-layer θ scan: it needs CLNPConfig\(theta_per_layer=\.\.\.\)"):
         CLNPConfig(theta_order="first")
-    with pytest.raises(ConfigError, match="--theta-order must be 'first' or 'last', got 'middle'"):
+    with pytest.raises(ConfigError, match=r"CLNPConfig\(theta_order=\.\.\.\) must be 'first' or 'last', got 'middle'"):
         CLNPConfig(theta_order="middle", theta_per_layer=True)
     bench = cluster_benchmark(num_tasks=1)
     bench.tasks[0] = dataclasses.replace(bench.tasks[0], val_x=bench.tasks[0].val_x[:0],
