@@ -405,6 +405,21 @@ def test_layernorm_is_refused_for_neuron_level_methods_with_the_reason(model, fr
         assert fragment in str(err.value)
 
 
+@pytest.mark.parametrize("method", ["eidetic", "clnp"])
+def test_neuron_level_methods_refuse_a_layernorm_model_before_training(method):
+    from sparsecl.config import TrainConfig
+    from sparsecl.methods import METHODS
+    from sparsecl.trainer import Trainer
+
+    method_cls, config_cls = METHODS[method]
+    started = []
+    method_obj = method_cls(config_cls())
+    method_obj.train_task = lambda session: started.append(session)  # must never be reached
+    with pytest.raises(UnsupportedModelError, match=f"--method {method} prunes and freezes units"):
+        Trainer(method_obj, TrainConfig(epochs=1)).fit(TinyTransformer(), token_benchmark(num_tasks=1))
+    assert started == []
+
+
 class Attention(nn.Module):
     def __init__(self):
         super().__init__()

@@ -64,7 +64,10 @@ class NeuronIsolation(Method):
 
     # ---- hooks -------------------------------------------------------------------------------
     def setup(self, net) -> None:
-        self.ledger = CapacityLedger({name: g.num_units for name, g in net.graph.groups.items()})
+        # refuse, before any training, a model whose units cannot be traced (LayerNorm, attention):
+        # an empty graph would isolate nothing and fail only at the forgetting check
+        graph = net.require_unit_graph(self.name)
+        self.ledger = CapacityLedger({name: g.num_units for name, g in graph.groups.items()})
 
     def begin_task(self, net, t: int, task) -> None:
         for name in net.graph.groups:
