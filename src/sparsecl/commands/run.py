@@ -196,7 +196,7 @@ R, D, M, T, RT, O = SECTIONS
         help="the network (see sparsecl.models for each one's source)", section=M)
 @option("--hidden", default="400,400", show_default=True, help="--model mlp: hidden widths, comma-separated",
         section=M)
-@option("--width", type=int, default=None, help="convolutional models: base width [default: the paper's]", section=M)
+@option("--width", type=int, default=None, help="convolutional models: base width; vit: embedding size; mobilenetv2: stem channels (multiplier width/32) [default: the paper's]", section=M)
 @option("--dropout", type=float, default=None, help="dropout rate of models that have one [mlp default: 0]",
         section=M)
 @option("--single-head", is_flag=True, default=False,
