@@ -4,6 +4,7 @@ former int8 owners (and the MLP's numbered layers) still load and continue."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -107,3 +108,29 @@ def test_a_checkpoint_with_int8_owners_and_numbered_layers_continues_bitwise(tmp
     result = Trainer(method, spec.train_config()).fit(net, bench, state)
     assert result.accuracy_matrix == full.accuracy_matrix and result.max_logit_change == 0.0
     assert net.subnetworks.owner(0).dtype == torch.int16
+
+
+def test_a_neuron_level_checkpoint_with_numbered_layers_continues_bitwise(tmp_path):
+    """An EideticNets run stopped after 2 tasks, its checkpoint rewritten with the MLP's layers
+    numbered as the former format wrote them (``body.1``, ledger ``owner.1``, capacity ``1``),
+    continues to the same accuracy matrix and capacity as an uninterrupted run."""
+    spec = RunSpec([{"benchmark": "split-digits", "seed": 0, "options": {}}],
+                   {"name": "mlp", "options": {"hidden": [16], "dropout": 0.0}, "single_head": False}, "eidetic",
+                   {"patience": 1, "prune_step": 0.3}, {"epochs": 1, "batch_size": 32, "optimizer": "adam", "lr": 1e-2,
+                                                      "seed": 0})
+    bench = build_stream(spec)
+    full = run_with_checkpoints(spec, bench, tmp_path / "full")
+    with pytest.raises(KeyboardInterrupt):
+        run_with_checkpoints(spec, bench, tmp_path / "cut", stop_after=2)
+    ckpt = load_checkpoint(tmp_path / "cut")
+    tensors = {k.replace("net.body.fc1.", "net.body.1.").replace("method.owner.fc1", "method.owner.1"): v
+               for k, v in ckpt.tensors.items()}
+    manifest = {k: v for k, v in ckpt.manifest.items() if k not in ("format", "version", "versions")}
+    manifest = json.loads(json.dumps(manifest).replace('"fc1"', '"1"'))
+    (tmp_path / "legacy").mkdir()
+    save_checkpoint(tmp_path / "legacy" / CHECKPOINT_NAME, manifest, tensors)
+
+    net, method, state = restore(load_checkpoint(tmp_path / "legacy"), continue_on="cpu")
+    result = Trainer(method, spec.train_config()).fit(net, bench, state)
+    assert result.accuracy_matrix == full.accuracy_matrix and result.max_logit_change == 0.0
+    assert result.capacity == full.capacity

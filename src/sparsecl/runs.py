@@ -340,6 +340,9 @@ def restore(ckpt: Checkpoint, spec: RunSpec | None = None,
         rng = ckpt.tensors["rng.torch"]
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {ckpt.path}: its run state is incomplete ({type(exc).__name__}: {exc})") from None
+    # the MLP's layers were numbered before they were named: its per-layer records follow the names
+    state.capacity = {net._legacy.get(k, k): v for k, v in state.capacity.items()}
+    state.reuse = {net._legacy.get(k, k): v for k, v in state.reuse.items()}
     if state.tasks_done != net.num_tasks:
         raise CheckpointError(f"checkpoint {ckpt.path} records {state.tasks_done} finished tasks but "
                               f"{net.num_tasks} heads")

@@ -102,8 +102,9 @@ class NeuronIsolation(Method):
 
     def load_state(self, net, tensors, meta) -> None:
         """Raises ``CheckpointError`` when the saved ledger does not fit ``net``'s unit groups."""
+        old_names = {new: old for old, new in net._legacy.items()}  # the MLP's layers were numbered before
         for name, owner in self.ledger.owner.items():
-            saved = tensors.get(f"owner.{name}")
+            saved = tensors.get(f"owner.{name}", tensors.get(f"owner.{old_names.get(name, name)}"))
             if saved is None or saved.shape != owner.shape or saved.dtype != owner.dtype:
                 got = "missing" if saved is None else f"{saved.dtype} of shape {tuple(saved.shape)}"
                 raise CheckpointError(f"the checkpoint's ledger of unit group '{name}' is {got}; the network "
@@ -112,7 +113,7 @@ class NeuronIsolation(Method):
                 raise CheckpointError(f"the checkpoint's ledger of unit group '{name}' names tasks outside "
                                       f"0..{net.num_tasks - 1}")
             self.ledger.owner[name] = saved.clone()
-        self.ledger.history = [dict(h) for h in meta["history"]]
+        self.ledger.history = [{net._legacy.get(k, k): v for k, v in h.items()} for h in meta["history"]]
         if hasattr(self, "log"):
             self.log = list(meta["log"])
 
