@@ -147,3 +147,20 @@ def test_quiet_prints_the_final_table_alone_and_verbose_the_methods_steps(tmp_pa
     assert loud.exit_code == 0 and normal.exit_code == 0
     assert "INFO" in loud.output and "search kept" in loud.output  # EideticNets' pruning steps, one line each
     assert "INFO" not in normal.output and "search kept" not in normal.output
+
+
+@pytest.mark.parametrize("method, options, phases", [
+    ("eidetic", dict(patience=1, prune_step=0.3, recovery_epochs=1, stop_on="train", prune_search="walk",
+                     tolerance=0.0), {"train", "recovery"}),
+    ("clnp", dict(finetune_epochs=1), {"train", "theta-scan", "finetune"}),
+    ("packnet", dict(retrain_epochs=1), {"train", "finetune"}),
+])
+def test_the_methods_name_their_phases_in_the_history(method, options, phases):
+    from sparsecl.methods import METHODS
+    from sparsecl.network import ContinualNetwork
+
+    method_cls, config_cls = METHODS[method]
+    model = mlp((20,), (16, 16), 3)
+    result = Trainer(method_cls(config_cls(**options)), TrainConfig(epochs=2, batch_size=32)).fit(
+        ContinualNetwork(model), cluster_benchmark(num_tasks=2))
+    assert {row.phase for row in result.history} == phases

@@ -199,6 +199,8 @@ class CLNP(NeuronIsolation):
             if r["state"] is not None:
                 session.rollback(r["state"])
             r["theta"], r["units"], r["pruned_val_accuracy"] = self._scan(session, floor, r["val_accuracy"])
+            with session.phase("theta-scan"):  # one history row per scan: the accuracy it kept
+                session.report(r["pruned_val_accuracy"])
             r["kept"] = {n: int((self.candidates(n) & ~r["units"][n]).sum()) for n in self.pruned}
             key = (sum(r["kept"].values()), -r["pruned_val_accuracy"])
             if chosen is None or key < chosen[0]:
@@ -217,7 +219,7 @@ class CLNP(NeuronIsolation):
             session.set_lr(cfg.finetune_lr)
             if cfg.finetune_alphas:
                 self._set_alpha(net, cfg.finetune_alphas)
-            session.fit(cfg.finetune_epochs)
+            session.fit(cfg.finetune_epochs, phase="finetune")
             entry["val_accuracy_finetuned"] = session.accuracy("val")
         self._runs = []
         self.log.append(entry)

@@ -373,11 +373,12 @@ class EideticNets(NeuronIsolation):
     def _raised(self, best: float, accepted: float) -> float:
         return max(best, accepted) if self.config.raise_best else best
 
-    def _epoch(self, session):
-        """One training epoch; the Taylor accumulator then holds this epoch's gradients."""
+    def _epoch(self, session, phase: str | None = None):
+        """One training epoch (of ``phase`` in the run history); the Taylor accumulator then
+        holds this epoch's gradients."""
         if self._taylor is not None:
             self._taylor.reset()
-        return session.train_epoch()
+        return session.train_epoch(phase=phase)
 
     def _measure(self, session) -> float:
         """The stop rule's accuracy, eval mode: the validation split or the training set."""
@@ -399,7 +400,7 @@ class EideticNets(NeuronIsolation):
             return False, acc, 0
         for epochs in range(1, self.config.recovery_epochs + 1):
             self._recovery += 1
-            stats = self._epoch(session)
+            stats = self._epoch(session, "recovery")
             acc = stats.accuracy if running else self._measure(session)
             if acc >= threshold:
                 return True, acc, epochs

@@ -87,7 +87,7 @@ class PackNet(WeightIsolation):
         self.prune(session.net)
         if self.config.retrain_epochs:
             session.scale_lr(self.config.retrain_lr_factor)
-            session.fit(self.config.retrain_epochs)
+            session.fit(self.config.retrain_epochs, phase="finetune")
 
     @torch.no_grad()
     def prune(self, net) -> None:
