@@ -69,9 +69,9 @@ class Scripted(EideticNets):
         pruned = sum(int(m.sum()) for m in self.pruned.values())
         return (self.recovered if self._since else self.curve)(pruned)
 
-    def _epoch(self, session):
+    def _epoch(self, session, phase=None):
         self._since += 1
-        return super()._epoch(session)
+        return super()._epoch(session, phase)
 
     def prune(self, net, t, units):
         self._since = 0
