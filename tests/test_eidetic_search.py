@@ -45,14 +45,17 @@ def _run(search, stop_on="train-running", score="l2", tasks=2, **kw):
 def test_walk_and_bisect_both_keep_only_passing_pruning_and_bisect_trains_fewer_epochs(stop_on):
     walk, _ = _run("walk", stop_on)
     bisect, result = _run("bisect", stop_on)
-    for entry in walk.log + bisect.log:
+    gallop, galloped = _run("gallop", stop_on)
+    for entry in walk.log + bisect.log + gallop.log:
         _check_rule(entry)
+    assert min(galloped.accuracy_matrix[-1]) > 0.8
     assert min(result.accuracy_matrix[-1]) > 0.8
     assert all(max(e["kept"].values()) < 48 for e in bisect.log)  # it really pruned
     walked = sum(e["recovery_epochs"] for e in walk.log)
     searched = sum(e["recovery_epochs"] for e in bisect.log)
     if stop_on == "train-running":  # every walk step trains; bisect trains at the amounts it tries
         assert searched < walked
+        assert sum(e["recovery_epochs"] for e in gallop.log) < walked
     else:
         assert searched <= walked
 
@@ -82,7 +85,7 @@ class Scripted(EideticNets):
         super().set_pruned(net, t, pruned)
 
 
-@pytest.mark.parametrize("search", ["bisect", "walk"])
+@pytest.mark.parametrize("search", ["bisect", "gallop", "walk"])
 def test_the_search_never_keeps_an_amount_that_failed(search):
     """Accuracy 1.0 up to 20 units pruned, 0.5 beyond 20 except a lucky 1.0 at 30 right after
     pruning; recovery brings amounts up to 26 units back. The search may skip the lucky amount
@@ -97,8 +100,9 @@ def test_the_search_never_keeps_an_amount_that_failed(search):
     _check_rule(entry)
     (pruned,) = entry["pruned"].values()
     assert 20 <= pruned <= 26
-    # the walk stops at the first amount that fails after recovery: 27 units
-    assert pruned == 26 if search == "walk" else True
+    # the walk stops at the first amount that fails after recovery: 27 units; so does gallop,
+    # whose last try is a single step
+    assert pruned == 26 if search in ("walk", "gallop") else True
 
 
 def test_taylor_scores_from_a_training_epoch_match_a_scoring_pass():
@@ -154,7 +158,7 @@ def test_network_scope_ranks_normalized_scores_over_all_layers():
     assert int(capped[first].sum()) == 1 and int(capped[second].sum()) == 3
 
 
-@pytest.mark.parametrize("search", ["bisect", "walk"])
+@pytest.mark.parametrize("search", ["bisect", "gallop", "walk"])
 def test_without_raise_best_the_threshold_stays_the_accuracy_before_pruning(search):
     method, _ = _run(search, "val", raise_best=False)
     for entry in method.log:
@@ -172,7 +176,7 @@ def test_tasks_after_prune_tasks_keep_every_free_unit():
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(prune_search="jump"), "--prune-search must be one of bisect, walk"),
+    (dict(prune_search="jump"), "--prune-search must be one of bisect, gallop, walk"),
     (dict(stop_on="test"), "--stop-on must be one of val, train, train-running"),
     (dict(score_scope="model"), "--score-scope must be one of layer, network"),
     (dict(stop_on="val", accuracy_samples=100), "--accuracy-samples bounds the training-set measurement"),

@@ -25,7 +25,7 @@ from .neuron import NeuronIsolation
 
 log = logging.getLogger(__name__)
 
-SEARCHES = ("bisect", "walk")
+SEARCHES = ("bisect", "gallop", "walk")
 STOP_ON = ("val", "train", "train-running")
 SCOPES = ("layer", "network")
 _ALL = "*"  # the key of a network-wide prune count
@@ -67,8 +67,9 @@ class EideticConfig:
                                         "stop rule measures accuracy (default: the whole training set)", default=None)
     prune_search: str = _opt("how the pruning point is found: 'bisect' (score once per round, try prune "
                              "amounts by exponential then binary search from snapshots, train only at the "
-                             "amounts tried) or 'walk' (the paper's: one step at a time, each recovered)",
-                             default="bisect")
+                             "amounts tried), 'gallop' (the walk with steps that double after a pass and "
+                             "halve after a failure, each from the last kept state) or 'walk' (the paper's: "
+                             "one step at a time, each recovered)", default="bisect")
     stop_on: str = _opt("the accuracy the stop rule reads: 'val' (eval mode, the task's validation split), "
                         "'train' (eval mode, the training set) or 'train-running' (the running train-mode "
                         "accuracy of a recovery epoch, as the reference implementation; every tried "
@@ -158,7 +159,13 @@ class EideticNets(NeuronIsolation):
     then tries the next amount once with recovery epochs: if it passes, the next round starts
     from it, else the search keeps the largest amount that passed and stops — the walk's stop
     condition (one more step fails even after recovery). With ``train-running`` every tried
-    amount trains, and one round decides. An amount is kept only if it passed the rule.
+    amount trains, and one round decides. ``'gallop'``: the walk with growing steps — each try
+    prunes k steps' worth from the last kept state and recovers; k doubles after a pass and halves
+    after a failure (rolled back); a failing single step ends it, as it ends the walk. With a rule
+    read without training only single steps get recovery epochs (a larger failing try just backs
+    off). Unlike
+    bisect's tries from one snapshot, every kept try's recovery epochs stay in the model, as the
+    walk's do. An amount is kept only if it passed the rule.
 
     Taylor scores come from the gradients of the last training or recovery epoch
     (``scoring.TaylorAccumulator``; a walk step that passed without recovery is ranked by the
@@ -238,7 +245,7 @@ class EideticNets(NeuronIsolation):
         if cfg.prune_tasks is not None and t >= cfg.prune_tasks:
             entry["search"], final = "none", best
         else:
-            search = self._walk if cfg.prune_search == "walk" else self._bisect
+            search = {"walk": self._walk, "bisect": self._bisect, "gallop": self._gallop}[cfg.prune_search]
             best, final = search(session, limit, best, entry)
         entry["best_accuracy"] = best
         entry["threshold"] = best * (1 - cfg.tolerance)
@@ -279,6 +286,46 @@ class EideticNets(NeuronIsolation):
             entry["accepted"].append({"round": entry["rounds"], "steps": 1, "pruned": _count(chosen)})
             log.info("task %d pruning step %d: kept %s, accuracy %.4f", t, entry["steps"],
                      {n: int(self.candidates(n).sum()) for n in self.pruned}, acc)
+        return best, final
+
+    def _gallop(self, session, limit: dict[str, int], best: float, entry: dict) -> tuple[float, float]:
+        """The walk with growing steps: each try prunes k steps' worth from the last kept state
+        and recovers; k doubles after a pass and halves after a failure (which is rolled back);
+        a failing single step ends the search, as it ends the walk."""
+        net, t, final = session.net, session.t, best
+        k = 1
+        while True:
+            amounts = self._amounts(limit)
+            if len(amounts) == 1:
+                break
+            k = min(k, len(amounts) - 1)
+            entry["rounds"] += 1
+            saved = self._save(session)
+            start = _count(self.pruned)
+            if self.config.score == "taylor":  # one ranking for the k steps
+                room = {n: limit[n] - int(self.pruned[n].sum()) for n in self.pruned}
+                self.prune(net, t, self._lowest(self._scores(session), amounts[k], room))
+            else:  # weight norms: the walk's k steps exactly
+                for _ in range(k):
+                    self.prune(net, t, self._choose(session, limit))
+            pruned = _count(self.pruned) - start
+            threshold = best * (1 - self.config.tolerance)
+            # a rule read without training backs off for free: only a single step gets recovery
+            recover = k == 1 or self.config.stop_on == "train-running"
+            passed, acc, epochs = self._recover(session, threshold, recover=recover)
+            entry["trials"].append({"round": entry["rounds"], "steps": k, "pruned": pruned, "accuracy": acc,
+                                    "threshold": threshold, "epochs": epochs, "passed": passed, "recovery": recover})
+            if passed:
+                best, final = self._raised(best, acc), acc
+                entry["steps"] += k
+                entry["accepted"].append({"round": entry["rounds"], "steps": k, "pruned": pruned})
+                k *= 2
+                continue
+            self._restore(session, saved)
+            if k == 1:
+                entry["rolled_back"] = True
+                break
+            k //= 2
         return best, final
 
     def _bisect(self, session, limit: dict[str, int], best: float, entry: dict) -> tuple[float, float]:
