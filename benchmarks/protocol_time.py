@@ -7,7 +7,8 @@ pruning with patience 1, 5% steps, tolerance 0.1%, at most 2 recovery epochs per
 configuration is one whole run in this process, one after another (``--only`` picks some); the
 script prints per task the wall time, the epochs trained (before pruning + recovery) and the
 units kept, then per run ACC and the ratios: over plain training (``finetune``, same epochs per
-task before pruning) and over the walk with the same score and stop rule.
+task before pruning; also as epochs trained, which the machine's load cannot distort) and over
+the walk with the same score and stop rule.
 
     python benchmarks/protocol_time.py [--data-root DIR] [--scores l2,taylor] [--stop-on val]
         [--searches walk,bisect] [--extra bisect:train-running,...] [--json OUT.json]
@@ -122,9 +123,9 @@ def main() -> None:
 
     by_name = {r["name"]: r for r in results}
     plain = by_name.get("finetune")
-    print("\n| run | ACC | s | s/task | epochs (train+recovery) | units kept per task | × plain | × walk, same rule "
-          "| × walk, train-running |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| run | ACC | s | s/task | epochs (train+recovery) | epochs × plain | units kept per task | × plain "
+          "| × walk, same rule | × walk, train-running |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         epochs = sum(t["epochs"] for t in r["tasks"])
         recovery = sum(t["recovery_epochs"] for t in r["tasks"])
@@ -140,7 +141,7 @@ def main() -> None:
         ratios = [f"{r['seconds'] / w['seconds']:.2f}" if w else "" for w in (same, running)]
         per_task = " / ".join(f"{t['seconds']:.0f}" for t in r["tasks"])
         print(f"| {r['name']} | {100 * r['acc']:.2f}% | {r['seconds']:.0f} | {per_task} | {epochs}+{recovery} | "
-              f"{kept} | {vs_plain} | {ratios[0]} | {ratios[1]} |")
+              f"{(epochs + recovery) / epochs:.2f} | {kept} | {vs_plain} | {ratios[0]} | {ratios[1]} |")
 
 
 if __name__ == "__main__":
