@@ -90,9 +90,16 @@ def init_from_env(device: str, backend: str | None = None) -> tuple[World | None
     return World(rank, size, device if backend == "nccl" else "cpu", local_rank), device
 
 
-def shutdown(world: World | None) -> None:
-    """Leave the process group (call once at the end of a torchrun launch)."""
+def shutdown(world: World | None, meet: bool = True) -> None:
+    """Leave the process group (call once at the end of a torchrun launch).
+
+    The ranks meet at a barrier first: a gloo rank that tears its group down while its peer
+    still has a collective or a connection in flight can abort the peer (SIGABRT,
+    "terminate called without an active exception"). ``meet=False`` skips the barrier, for a
+    rank leaving on an error (its peers may never reach it)."""
     if world is not None and dist.is_initialized():
+        if meet:
+            dist.barrier()
         dist.destroy_process_group()
 
 

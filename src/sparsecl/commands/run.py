@@ -266,15 +266,17 @@ def run(data_root, download, device, out, overwrite, resume, from_checkpoint, in
     except SparseCLError as exc:
         raise fail(exc) from exc
     view = dict(progress=progress and not quiet, quiet=quiet, tensorboard=tensorboard)
+    finished = False
     try:
         if seeds is None:
             _run(world, data_root, download, device, out, overwrite, resume, from_checkpoint, init_weights, view,
                  options)
-            return
-        _run_seeds(ctx, world, data_root, download, device, out, overwrite, resume, from_checkpoint, init_weights,
-                   seeds, view, options)
+        else:
+            _run_seeds(ctx, world, data_root, download, device, out, overwrite, resume, from_checkpoint,
+                       init_weights, seeds, view, options)
+        finished = True
     finally:
-        distributed.shutdown(world)
+        distributed.shutdown(world, meet=finished)
 
 
 def _run_seeds(ctx, world, data_root, download, device, out, overwrite, resume, from_checkpoint, init_weights,
