@@ -67,7 +67,7 @@ def main() -> None:
         rows = [("task-id forward (one task)", base)]
         for mode, router in (("entropy", None), ("lda", stats)):
             def routed(mode=mode, router=router):
-                h, logits = task_outputs(net, x)
+                h, logits = task_outputs(net, x, router)
                 return route(h, logits, mode, router)
             rows.append((f"routed, {mode}", _time(routed, args.repeats)))
     print(f"{args.method}, {args.tasks} tasks, batch {len(x)}, device {args.device}")

@@ -10,7 +10,7 @@ import torch
 
 from sparsecl.data.types import Benchmark, TaskData
 from sparsecl.errors import CheckpointError, ConfigError
-from sparsecl.feature_routing import FeatureStatistics
+from sparsecl.feature_routing import FeatureStatistics, unit_features, unit_layers, unit_owner
 from sparsecl.methods import (CLNP, DST, WSN, CLNPConfig, DSTConfig, EideticConfig, EideticNets, Finetune,
                               PackNet, PackNetConfig, SingleTask, TinySubNets, TinySubNetsConfig, WSNConfig)
 from sparsecl.models import mlp
@@ -76,13 +76,16 @@ def test_lda_run_routes_well_separated_tasks_and_keeps_no_inputs():
     assert r["kept"].startswith("feature statistics, no inputs")
     tensors, meta = states[-1].to_checkpoint()
     saved = {k: v for k, v in tensors.items() if k.startswith("router.")}
-    d = net.head_features
+    # the features: the outputs of every unit layer (fc1, fc2: 32 units each)
+    assert states[-1].routing.router.layers == [("fc1", 32), ("fc2", 32)]
+    d = 64
     assert {k: tuple(v.shape) for k, v in saved.items()} == {
         "router.means": (4, d), "router.class_task": (4,), "router.scatter": (d, d), "router.dof": (2,),
         "router.owner": (d,)}  # O(d^2) once, O(d) per class: no input of shape (N, 20)
     again = RoutingRecord.from_checkpoint(tensors, meta["routing"])
     x = bench.tasks[1].test_x
-    assert torch.equal(again.router.task_scores(net.features(x)), states[-1].routing.router.task_scores(net.features(x)))
+    u = unit_features(net, x, ["fc1", "fc2"])[1]
+    assert torch.equal(again.router.task_scores(u), states[-1].routing.router.task_scores(u))
     # every feature's view is the units owned through its task (EideticNets' ledger)
     owner = states[-1].routing.router.owner
     assert set(owner.tolist()) <= {-1, 0, 1} and (owner == 0).any()
@@ -107,6 +110,67 @@ def test_views_are_frozen_features_of_the_owning_tasks():
         stats.add_task(wide[:3], torch.zeros(3, dtype=torch.int64), 2)
     with pytest.raises(CheckpointError, match="incomplete"):
         FeatureStatistics.restore(stats.describe(), {"means": stats.means})
+
+
+def test_unit_layer_statistics_are_exact_after_later_tasks_and_beat_the_penultimate_features():
+    """Statistics of every unit layer's frozen units: a task's statistics taken again after a
+    later task are the same (its units are frozen), the features are one body pass (the head's
+    features and logits unchanged), and routing is at least as good as with the penultimate
+    features alone."""
+    bench = cluster_benchmark(num_tasks=3, n_train=150, n_test=60, seed=2)
+    torch.manual_seed(2)
+    net = ContinualNetwork(mlp((20,), (24, 24), 3))
+    method = _eidetic()
+    first = {}
+
+    def keep(n, state):
+        if state.tasks_done == 1:
+            first["stats"] = update_statistics(n, bench.tasks[:1], method=method)
+
+    Trainer(method, TrainConfig(seed=2, **FAST)).fit(net, bench, on_task_end=keep)
+    net.eval()
+    assert unit_layers(net, method) == [("fc1", 24), ("fc2", 24)]
+    again = update_statistics(net, bench.tasks[:1], method=method)
+    before = first["stats"]
+    view = before.owner >= 0
+    assert view.any() and torch.equal(again.owner, unit_owner(net, method, ["fc1", "fc2"]).where(
+        unit_owner(net, method, ["fc1", "fc2"]) <= 0, torch.tensor(-1)))
+    assert torch.allclose(again.means[:, view], before.means[:, view], atol=1e-9, rtol=0)
+    assert torch.allclose(again.scatter[view][:, view], before.scatter[view][:, view], atol=1e-7, rtol=0)
+    x = bench.tasks[1].test_x
+    h, u = unit_features(net, x, ["fc1", "fc2"])
+    assert torch.equal(h, net.features(x)) and u.shape == (len(x), 48)
+    assert torch.equal(u[:, :24], net.body.fc1(x.flatten(1)))
+    full = update_statistics(net, bench.tasks, method=method)
+    head = update_statistics(net, bench.tasks, method=method, all_layers=False)
+    assert head.layers == [] and head.num_features == 24 and full.num_features == 48
+    routed = [evaluate_routing(net, bench.tasks, "lda", s) for s in (full, head)]
+    assert sum(routed[0].routing) >= sum(routed[1].routing) - 0.05, (routed[0].routing, routed[1].routing)
+    assert sum(routed[0].routing) / 3 > 0.9
+    for r in routed:
+        assert r.oracle == routed[0].oracle
+    restored = FeatureStatistics.restore(full.describe(), full.tensors())
+    assert restored.layers == full.layers
+    assert torch.equal(routed_predict(net, x, "lda", restored)[0], routed_predict(net, x, "lda", full)[0])
+
+
+def test_widened_unit_layers_pad_each_block():
+    """A widened layer's new units join the end of its own block, zero in the earlier views."""
+    stats = FeatureStatistics(True, 5, layers=[("a", 2), ("b", 3)])
+    y = torch.arange(30) % 2
+    h = torch.randn(30, 5, dtype=torch.float64)
+    stats.add_task(h, y, 2, owner=torch.tensor([0, -1, 0, 0, -1]), widths=[2, 3])
+    wide = torch.randn(30, 7, dtype=torch.float64)
+    stats.add_task(wide, y, 2, owner=torch.tensor([0, 1, 1, 0, 0, 1, 1]), widths=[3, 4])
+    assert stats.layers == [("a", 3), ("b", 4)] and stats.owner.tolist() == [0, 1, 1, 0, 0, 1, 1]
+    kept = [0, 1, 3, 4, 5]  # the old features' new positions
+    assert torch.equal(stats.means[:2][:, kept], torch.zeros(2, 5, dtype=torch.float64).index_add_(
+        0, y, h * torch.tensor([1., 0, 1, 1, 0], dtype=torch.float64)) / 15)
+    assert stats.means[:2, [2, 6]].abs().sum() == 0 and stats.scatter.shape == (7, 7)
+    with pytest.raises(ConfigError, match="can only grow"):
+        stats.add_task(wide[:, :6], y, 2, owner=torch.zeros(6, dtype=torch.int64), widths=[2, 4])
+    with pytest.raises(ConfigError, match="shared layout"):
+        FeatureStatistics(True, 4, layers=[("a", 2), ("b", 3)])
 
 
 def _eidetic():

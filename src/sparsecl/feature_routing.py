@@ -37,9 +37,23 @@ Two layouts, chosen by the network:
   Mahalanobis distance under that task's covariance (the confidence score of Lee et al., "A
   Simple Unified Framework for Detecting Out-of-Distribution Samples and Adversarial Attacks",
   NeurIPS 2018, eq. 2).
+
+**Which features** (shared layout). With a unit ledger the feature vector is, by default, the
+output of *every unit layer* of the body, concatenated (:func:`unit_layers`,
+:func:`unit_features`): a Linear layer's pre-activations, a convolution's channels averaged over
+space. Every unit owned by a task ``<= k`` is frozen from task ``k``'s end on and reads only
+units of tasks ``<= k`` (the ledger's invariant that keeps earlier tasks' logits bitwise), so its
+output on any input stays what it was when task ``k``'s statistics were taken: the views of all
+layers are as exact as the head's, and much larger (EideticNets may keep a task 2 units of the
+penultimate layer but more in other layers). The owner of each feature is its layer's ledger
+entry; the pooled covariance is accumulated as above over the concatenated vector. Without a
+ledger (or with ``FeatureStatistics(layers=())``, e.g. statistics saved before) the features are
+the penultimate ones, ``net.features(x)``.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -61,6 +75,56 @@ def head_source_owner(net, method) -> torch.Tensor | None:
     return net.graph.head_columns(ledger.owner[source].to(torch.int64).cpu())
 
 
+def unit_layers(net, method) -> list[tuple[str, int]] | None:
+    """``(name, units)`` of every unit layer of ``net``'s body whose unit group ``method``'s
+    ledger tracks (EideticNets, CLNP), in the graph's topological order; ``None`` for a method
+    without a unit ledger or a network without a unit graph."""
+    ledger = getattr(method, "ledger", None)
+    owners = getattr(ledger, "owner", None)
+    layers = getattr(getattr(net, "graph", None), "layers", None)
+    if not owners or not layers:
+        return None
+    out = [(name, layer.num_units) for name, layer in layers.items() if layer.group in owners]
+    return out or None
+
+
+def unit_owner(net, method, names: Sequence[str]) -> torch.Tensor:
+    """The owner task of every unit of the layers ``names`` (``-1``: free), concatenated in that
+    order, ``(sum of their units,)`` int64, from ``method``'s unit ledger (the owner of a layer's
+    unit group)."""
+    owners = method.ledger.owner
+    return torch.cat([owners[net.graph.layers[n].group].to("cpu", torch.int64) for n in names])
+
+
+def unit_features(net, x: torch.Tensor, names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One body pass over prepared inputs ``x`` ``(N, ...)``: ``(h, u)``, the penultimate features
+    ``h`` ``(N, head_features)`` and the outputs of the unit layers ``names`` concatenated,
+    ``u`` ``(N, sum of their units)``: a Linear layer's output (pre-activation), a convolution's
+    ``(N, C, H, W)`` output averaged over ``H, W``. Read through forward hooks, removed again.
+
+    Raises:
+        ConfigError: a name is not a unit layer of ``net``.
+    """
+    graph_layers = net.graph.layers
+    missing = [n for n in names if n not in graph_layers]
+    if missing:
+        raise ConfigError(f"the feature statistics read unit layers {', '.join(missing)}, which this network lacks")
+    outs: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(_module, _inputs, output):
+            outs[name] = output.flatten(2).mean(2) if output.ndim > 2 else output
+        return hook
+
+    handles = [net.body.get_submodule(n).register_forward_hook(keep(n)) for n in names]
+    try:
+        h = net.features(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return h, torch.cat([outs[n] for n in names], 1)
+
+
 class FeatureStatistics(nn.Module):
     """Class means and within-class scatter of the penultimate features, task by task (see the
     module's doc). Tensors (``state_dict``; float64, on the CPU):
@@ -72,16 +136,26 @@ class FeatureStatistics(nn.Module):
     * ``owner`` ``(d,)`` int64 (``shared`` only, else empty): the first task whose view holds
       the feature, ``-1`` for none.
 
+    ``layers`` (``shared`` only): ``(name, units)`` of the unit layers whose outputs, concatenated
+    in that order, are the features (:func:`unit_features`; ``d`` their total); empty: the
+    penultimate features.
+
     No input sample is kept.
 
     Raises:
-        ConfigError: ``shrinkage`` outside ``[0, 1]``.
+        ConfigError: ``shrinkage`` outside ``[0, 1]``; ``layers`` given without ``shared`` or
+            not adding up to ``num_features``.
     """
 
-    def __init__(self, shared: bool, num_features: int, shrinkage: float = SHRINKAGE):
+    def __init__(self, shared: bool, num_features: int, shrinkage: float = SHRINKAGE,
+                 layers: Sequence[tuple[str, int]] = ()):
         super().__init__()
         if not 0.0 <= shrinkage <= 1.0:
             raise ConfigError(f"the covariance shrinkage must lie in [0, 1], got {shrinkage}")
+        self.layers = [(str(n), int(w)) for n, w in layers]
+        if self.layers and (not shared or sum(w for _, w in self.layers) != int(num_features)):
+            raise ConfigError(f"feature statistics of unit layers {self.layers} need the shared layout and "
+                              f"num_features = their total units, got shared={shared}, {num_features}")
         self.shared, self.shrinkage = bool(shared), float(shrinkage)
         #: shared layout's rule: "chain" (the chain rule over nested views) or "novelty"
         self.rule = "chain"
@@ -105,11 +179,13 @@ class FeatureStatistics(nn.Module):
     # ---- accumulation --------------------------------------------------------------------------
     @torch.no_grad()
     def add_task(self, h: torch.Tensor, y: torch.Tensor, num_classes: int,
-                 owner: torch.Tensor | None = None) -> None:
+                 owner: torch.Tensor | None = None, widths: Sequence[int] | None = None) -> None:
         """Add the next task's statistics from its training features ``h`` ``(N, d)`` (its own
         subnetwork's for ``shared=False``) and task-local labels ``y`` ``(N,)``. ``owner``
-        (``shared`` only): the current owner task of every feature (``head_source_owner``; may be
-        longer than before if the layer was widened), ``None``: every feature belongs to task 0.
+        (``shared`` only): the current owner task of every feature (``head_source_owner`` or
+        :func:`unit_owner`; may be longer than before if a layer was widened), ``None``: every
+        feature belongs to task 0. ``widths``: with ``layers``, the layers' unit counts now (a
+        widened layer's new units are padded in at the end of its block).
 
         Raises:
             ConfigError: ``h`` does not have ``d`` features, a label is out of range, or a class
@@ -118,7 +194,9 @@ class FeatureStatistics(nn.Module):
         t = self.num_tasks
         h = h.detach().to("cpu", torch.float64)
         y = y.detach().to("cpu", torch.int64)
-        if self.shared and owner is not None and len(owner) > self.num_features:
+        if self.layers and widths is not None and list(widths) != [w for _, w in self.layers]:
+            self._widen_layers([int(w) for w in widths])
+        elif self.shared and owner is not None and len(owner) > self.num_features:
             self._widen(len(owner))
         d = self.num_features
         if h.ndim != 2 or h.shape[1] != d or len(y) != len(h):
@@ -155,6 +233,26 @@ class FeatureStatistics(nn.Module):
         s[: d - k, : d - k] = self.scatter
         self.scatter = s
         self.owner = torch.cat([self.owner, self.owner.new_full((k,), -1)])
+
+    def _widen_layers(self, widths: list[int]) -> None:
+        """Widened unit layers: each layer's new units are zero in every earlier view, inserted
+        at the end of its block."""
+        old = [w for _, w in self.layers]
+        if len(widths) != len(old) or any(n < o for n, o in zip(widths, old)):
+            raise ConfigError(f"the unit layers {[n for n, _ in self.layers]} had {old} units and now {widths}: "
+                              "a layer can only grow")
+        keep = torch.cat([torch.cat([torch.ones(o, dtype=torch.bool), torch.zeros(n - o, dtype=torch.bool)])
+                          for o, n in zip(old, widths)])
+        pos = keep.nonzero().flatten()
+        d = len(keep)
+        means = self.means.new_zeros(len(self.means), d)
+        means[:, pos] = self.means
+        s = self.scatter.new_zeros(d, d)
+        s[pos[:, None], pos[None, :]] = self.scatter
+        owner = self.owner.new_full((d,), -1)
+        owner[pos] = self.owner
+        self.means, self.scatter, self.owner = means, s, owner
+        self.layers = [(n, w) for (n, _), w in zip(self.layers, widths)]
 
     # ---- scoring -------------------------------------------------------------------------------
     def _shrunk(self, cov: torch.Tensor) -> torch.Tensor:
@@ -270,7 +368,7 @@ class FeatureStatistics(nn.Module):
     # ---- checkpoint ----------------------------------------------------------------------------
     def describe(self) -> dict:
         return {"kind": "feature-statistics", "shared": self.shared, "num_features": self.num_features,
-                "shrinkage": self.shrinkage, "rule": self.rule}
+                "shrinkage": self.shrinkage, "rule": self.rule, "layers": [list(layer) for layer in self.layers]}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.state_dict().items()}
@@ -283,7 +381,8 @@ class FeatureStatistics(nn.Module):
             CheckpointError: a tensor is missing or does not fit.
         """
         try:
-            stats = cls(bool(description["shared"]), int(description["num_features"]), float(description["shrinkage"]))
+            stats = cls(bool(description["shared"]), int(description["num_features"]), float(description["shrinkage"]),
+                        [(n, w) for n, w in description.get("layers", [])])
             stats.rule = str(description.get("rule", "chain"))
             for name in ("means", "class_task", "scatter", "dof", "owner"):
                 setattr(stats, name, tensors[name].clone())

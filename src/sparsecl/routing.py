@@ -456,14 +456,22 @@ def shared_features(net: ContinualNetwork) -> bool:
     return net.subnetworks is None and not net.task_bodies
 
 
-def task_outputs(net: ContinualNetwork, x: torch.Tensor):
+def task_outputs(net: ContinualNetwork, x: torch.Tensor, router=None):
     """``(features, logits)`` of prepared inputs ``x`` ``(N, ...)`` for every task the network
     has a head for, batched over the samples: ``logits[t]`` ``(N, C_t)`` equals ``net(x, t)``.
-    ``features``: one ``(N, d)`` tensor when the tasks share one body pass
-    (:func:`shared_features`), else a list of ``T`` tensors ``(N, d)``, task ``t``'s features
+    ``features`` (what :func:`route` reads): one ``(N, d)`` tensor when the tasks share one body
+    pass (:func:`shared_features`), else a list of ``T`` tensors ``(N, d)``, task ``t``'s features
     under its own subnetwork (one forward pass per task: a loop over tasks, never over samples).
+    With feature statistics of unit layers (``router.layers``), ``features`` are those layers'
+    outputs, read in the same body pass (:func:`sparsecl.feature_routing.unit_features`).
     """
     if shared_features(net):
+        layers = getattr(router, "layers", None)
+        if layers:
+            from .feature_routing import unit_features
+
+            h, u = unit_features(net, x, [n for n, _ in layers])
+            return u, [net.head_logits(h, t) for t in range(net.num_tasks)]
         h = net.features(x)
         return h, [net.head_logits(h, t) for t in range(net.num_tasks)]
     hs = [net.features(x, t) for t in range(net.num_tasks)]
@@ -538,7 +546,7 @@ def routed_predict(net: ContinualNetwork, x: torch.Tensor, mode: str,
     _check_installed(net, mode, router)
     was_training = net.training
     net.eval()
-    h, logits = task_outputs(net, x)
+    h, logits = task_outputs(net, x, router)
     net.train(was_training)
     tasks = route(h, logits, mode, router)
     return tasks, _choose(logits, tasks)
@@ -581,7 +589,7 @@ def evaluate_routing(net: ContinualNetwork, tasks: Sequence[TaskData], mode: str
         y = task.test_y
         routed_to, routed_cls, oracle_cls = [], [], []
         for s in range(0, len(y), batch_size):
-            h, logits = task_outputs(net, prepare(task.test_x[s:s + batch_size].to(device)))
+            h, logits = task_outputs(net, prepare(task.test_x[s:s + batch_size].to(device)), router)
             chosen = route(h, logits, mode, router)
             routed_to.append(chosen.cpu())
             routed_cls.append(_choose(logits, chosen).cpu())
@@ -700,34 +708,46 @@ class RoutingRecord:
 
 @torch.no_grad()
 def update_statistics(net: ContinualNetwork, tasks: Sequence[TaskData], stats=None, method=None,
-                      batch_size: int = 1024, device: str | torch.device = "cpu", shrinkage: float | None = None):
+                      batch_size: int = 1024, device: str | torch.device = "cpu", shrinkage: float | None = None,
+                      all_layers: bool = True):
     """The feature statistics of ``--routing lda`` (:class:`sparsecl.feature_routing.FeatureStatistics`)
     for ``tasks`` (the tasks seen so far, in order): ``stats`` extended with every task it lacks
     (a new one when ``None``). Each missing task's whole training set goes once through the
     network (eval mode, no gradient; its own subnetwork for weight-level methods); only the
     class means and the within-class scatter are kept. ``method``'s unit ledger (EideticNets,
-    CLNP) gives each task's view (the units it reads). ``net`` is never changed.
+    CLNP) gives each task's view (the units it reads); with one, new statistics read the outputs
+    of every unit layer (``all_layers``, :func:`sparsecl.feature_routing.unit_features`), else the
+    penultimate features. ``net`` is never changed.
 
     Raises:
         ConfigError: see :func:`common_prepare` and ``FeatureStatistics.add_task``.
     """
-    from .feature_routing import SHRINKAGE, FeatureStatistics, head_source_owner
+    from .feature_routing import (SHRINKAGE, FeatureStatistics, head_source_owner, unit_features, unit_layers,
+                                  unit_owner)
 
     prepare = common_prepare(tasks)
     shared = shared_features(net)
     if stats is None:
-        stats = FeatureStatistics(shared, net.head_features, SHRINKAGE if shrinkage is None else shrinkage)
+        layers = (unit_layers(net, method) if shared and all_layers else None) or []
+        d = sum(w for _, w in layers) if layers else net.head_features
+        stats = FeatureStatistics(shared, d, SHRINKAGE if shrinkage is None else shrinkage, layers)
     elif stats.shared != shared:
         raise ConfigError("these feature statistics were taken with another feature layout (shared body pass vs "
                           "a subnetwork per task)")
-    owner = head_source_owner(net, method) if shared else None
+    names = [n for n, _ in stats.layers]
+    if names:
+        owner = unit_owner(net, method, names)
+        widths = [net.graph.layers[n].num_units for n in names]
+    else:
+        owner, widths = head_source_owner(net, method) if shared else None, None
     was_training = net.training
     net.eval()
     for j in range(stats.num_tasks, len(tasks)):
         task = tasks[j]
-        h = [net.features(prepare(task.train_x[s:s + batch_size].to(device)), j).cpu()
-             for s in range(0, len(task.train_y), batch_size)]
-        stats.add_task(torch.cat(h), task.train_y, task.num_classes, owner)
+        h = [(unit_features(net, x, names)[1] if names else net.features(x, j)).cpu()
+             for x in (prepare(task.train_x[s:s + batch_size].to(device))
+                       for s in range(0, len(task.train_y), batch_size))]
+        stats.add_task(torch.cat(h), task.train_y, task.num_classes, owner, widths)
     net.train(was_training)
     return stats
 
