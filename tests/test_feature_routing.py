@@ -4,6 +4,7 @@ right, only statistics are kept (checkpoint tensor shapes), routing never change
 task-incremental results of any method family, and the batched path equals a per-sample loop."""
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -299,6 +300,12 @@ def test_lda_through_the_cli_run_eval_and_report(tmp_path, method):
     assert [row["routed_accuracy"] for row in saved["tasks"]] == r["accuracy_matrix"][-1]
     assert [row["routing_accuracy"] for row in saved["tasks"]] == r["routing_accuracy"][-1]
     assert saved["routing"]["per_class"] == r["per_class"]
+    shrunk = CliRunner().invoke(main, ["eval", str(out), "--routing", "lda", "--lda-shrinkage", "0.5"])
+    assert shrunk.exit_code == 0 and "mean routed accuracy (lda)" in shrunk.output, shrunk.output
+    for extra, why in ((["--routing", "lda", "--lda-shrinkage", "2"], r"--lda-shrinkage\) must lie in \[0, 1\]"),
+                       (["--routing", "entropy", "--lda-shrinkage", "0.5"], "--lda-shrinkage sets the covariance")):
+        bad = CliRunner().invoke(main, ["eval", str(out), *extra])
+        assert bad.exit_code != 0 and re.search(why, bad.output), bad.output
     refused = CliRunner().invoke(main, ["eval", str(out), "--routing", "classifier"])
     assert refused.exit_code != 0 and "holds no task router of --routing classifier" in refused.output
     assert CliRunner().invoke(main, ["report", str(out)]).exit_code == 0

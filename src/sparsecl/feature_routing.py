@@ -75,6 +75,11 @@ def head_source_owner(net, method) -> torch.Tensor | None:
     return net.graph.head_columns(ledger.owner[source].to(torch.int64).cpu())
 
 
+def _check_shrinkage(shrinkage: float) -> None:
+    if not 0.0 <= shrinkage <= 1.0:
+        raise ConfigError(f"the covariance shrinkage (--lda-shrinkage) must lie in [0, 1], got {shrinkage}")
+
+
 def unit_layers(net, method) -> list[tuple[str, int]] | None:
     """``(name, units)`` of every unit layer of ``net``'s body whose unit group ``method``'s
     ledger tracks (EideticNets, CLNP), in the graph's topological order; ``None`` for a method
@@ -150,8 +155,7 @@ class FeatureStatistics(nn.Module):
     def __init__(self, shared: bool, num_features: int, shrinkage: float = SHRINKAGE,
                  layers: Sequence[tuple[str, int]] = ()):
         super().__init__()
-        if not 0.0 <= shrinkage <= 1.0:
-            raise ConfigError(f"the covariance shrinkage must lie in [0, 1], got {shrinkage}")
+        _check_shrinkage(shrinkage)
         self.layers = [(str(n), int(w)) for n, w in layers]
         if self.layers and (not shared or sum(w for _, w in self.layers) != int(num_features)):
             raise ConfigError(f"feature statistics of unit layers {self.layers} need the shared layout and "
@@ -171,6 +175,17 @@ class FeatureStatistics(nn.Module):
     @property
     def num_tasks(self) -> int:
         return len(self.dof)
+
+    def set_shrinkage(self, shrinkage: float) -> None:
+        """Score with another shrinkage ``a`` from now on: the scatter is kept unshrunk, so this
+        is exact after the fact (``sparsecl eval --lda-shrinkage``).
+
+        Raises:
+            ConfigError: ``shrinkage`` outside ``[0, 1]``.
+        """
+        _check_shrinkage(shrinkage)
+        self.shrinkage = float(shrinkage)
+        self._cache = None
 
     @property
     def num_features(self) -> int:

@@ -42,10 +42,13 @@ from .common import check_parent, fail, flags
               help="also measure task-agnostic accuracy: 'entropy' (needs nothing more), 'classifier' or "
                    "'classifier-all' (the task router the run saved with that --routing) or 'lda' (the feature "
                    "statistics the run saved with --routing lda)")
+@click.option("--lda-shrinkage", type=float, default=None,
+              help="--routing lda: shrinkage a in [0, 1] of the covariance towards (tr S / d) I, "
+                   "(1 - a) S + a (tr S / d) I [default: the run's, 0.1]")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="also write the accuracies to this JSON file")
 def evaluate(checkpoint, benchmark, num_tasks, seed, permute_first, max_test_per_task, classes_per_task,
-             normalize, data_root, download, device, routing, json_out) -> None:
+             normalize, data_root, download, device, routing, lda_shrinkage, json_out) -> None:
     """Test accuracy of every task of a saved model (CHECKPOINT: a checkpoint file or run folder);
     with --routing, also without task ids."""
     ctx = click.get_current_context()
@@ -70,6 +73,10 @@ def evaluate(checkpoint, benchmark, num_tasks, seed, permute_first, max_test_per
                 raise ConfigError(f"{ckpt.path} holds no {what} of --routing {routing} ({why}); "
                                   "--routing entropy needs none")
             router.to(device)
+        if lda_shrinkage is not None:
+            if routing != "lda":
+                raise ConfigError(f"--lda-shrinkage sets the covariance shrinkage of --routing lda; --routing is {routing}")
+            router.set_shrinkage(lda_shrinkage)
         if benchmark is None:
             only_with = [k for k in ("num_tasks", "seed", "permute_first", "max_test_per_task",
                                      "classes_per_task", "normalize")
