@@ -83,6 +83,16 @@ class TrainConfig:
     not measured are ``None`` and the metrics average over the measured ones
     (``sparsecl.metrics``).
 
+    ``restore_best`` and ``lr_patience``: the validation schedule of the reference code of WSN
+    (Kang et al., "Forget-free Continual Learning with Winning Subnetworks", ICML 2022) and GPM,
+    for the task's training epochs (the ``"train"`` phase of a method's training on the current
+    task; pruning, recovery and fine-tuning phases are not scheduled). After every epoch the
+    task's validation loss is measured (eval mode); ``restore_best`` returns the network (and
+    the method's own trained tensors, e.g. WSN's scores) to the epoch with the lowest validation
+    loss when the epochs end; ``lr_patience`` > 0 divides the learning rate by ``lr_factor`` after
+    that many epochs in a row without a lower validation loss, and ends the task's training
+    once it falls below ``lr_min``. Both need a validation split (``val_fraction`` > 0).
+
     Raises:
         ConfigError: a field of the wrong type or out of range; the message names the argument
             (``TrainConfig(lr=...)``), and its ``cli_message`` the flag (``--lr``).
@@ -108,6 +118,10 @@ class TrainConfig:
     loss: Any = None  # None (cross-entropy) or a LossFunction
     eval_every: int = 1
     eval_tasks: str = "all"  # "all" or indices / inclusive ranges: "0,5,10-19"
+    restore_best: bool = False
+    lr_patience: int = 0
+    lr_factor: float = 2.0
+    lr_min: float = 1e-5
 
     def __post_init__(self) -> None:
         if isinstance(self.eval_tasks, (list, tuple, range)):  # the API's list of task indices
@@ -143,11 +157,13 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise _bad(name, f"must be at least 1, got {getattr(self, name)}")
         check_device(self.device, api="TrainConfig(device=...): device")
-        for name in ("lr", "weight_decay", "momentum", "router_hidden"):
+        for name in ("lr", "weight_decay", "momentum", "router_hidden", "lr_patience", "lr_min"):
             if getattr(self, name) < 0:
                 raise _bad(name, f"must be non-negative, got {getattr(self, name)}")
         if not self.router_lr > 0:
             raise _bad("router_lr", f"must be above 0, got {self.router_lr}")
+        if not self.lr_factor > 1:
+            raise _bad("lr_factor", f"must be above 1 (the learning rate is divided by it), got {self.lr_factor}")
         parse_eval_tasks(self.eval_tasks)
 
     def evaluated_tasks(self, t: int, num_tasks: int) -> list[int]:

@@ -1,4 +1,4 @@
-"""Measuring a continual network: logits and accuracy of a task (task id given)."""
+"""Measuring a continual network: logits, accuracy and loss of a task (task id given)."""
 
 from __future__ import annotations
 
@@ -55,6 +55,26 @@ def accuracy(net: "ContinualNetwork", x: torch.Tensor, y: torch.Tensor, task: in
     if part.stop > part.start:
         correct = int((predict(net, x[part], task, batch_size, device, prepare).argmax(1).cpu() == y[part]).sum())
     return float(distributed.all_reduce_sum(torch.tensor(correct, dtype=torch.float64), world)) / len(x)
+
+
+@torch.no_grad()
+def mean_loss(net: "ContinualNetwork", x: torch.Tensor, y: torch.Tensor, task: int, batch_size: int, device: str,
+              prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> float:
+    """Mean loss of task ``task``'s head over ``(x, y)`` in eval mode: ``loss(logits, labels)``
+    (a batch mean, weighted by the batch's size) or cross-entropy when ``None``; ``prepare`` as in
+    :func:`predict`. Summed in float64, so one call always gives the same value.
+
+    Raises:
+        ConfigError: ``x`` is empty."""
+    if len(x) == 0:
+        raise ConfigError(f"cannot measure the loss of task {task} on an empty set")
+    loss = loss or torch.nn.functional.cross_entropy
+    total = 0.0
+    for i in range(0, len(x), batch_size):
+        logits = predict(net, x[i:i + batch_size], task, batch_size, device, prepare)
+        total += float(loss(logits, y[i:i + batch_size].to(logits.device))) * len(logits)
+    return total / len(x)
 
 
 def evaluate(net: "ContinualNetwork", benchmark: "Benchmark", batch_size: int = 1024,

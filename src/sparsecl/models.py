@@ -9,7 +9,7 @@ The convolutional nets and the MLP use convolutions (depthwise in ``mobilenetv2`
 (tracking running statistics), ReLU/ReLU6, ``nn.Dropout``, pooling, one flatten before the first
 Linear and residual ``out = out + shortcut`` adds, which the unit graph follows; ``vit`` uses
 LayerNorm and ``nn.MultiheadAttention``, for the weight-level methods. ``mlp`` keeps its own positional order
-``mlp(input_shape, hidden, num_classes, dropout)``; ``MODELS["mlp"]`` adapts it.
+``mlp(input_shape, hidden, num_classes, dropout, bias)``; ``MODELS["mlp"]`` adapts it.
 
 Bad options raise ``ConfigError`` naming the option, including an ``input_shape`` too small for a
 model's convolutions and pooling.
@@ -30,8 +30,11 @@ from .errors import ConfigError
 
 
 def mlp(input_shape: Sequence[int], hidden: Sequence[int] = (2000, 2000), num_classes: int = 10,
-        dropout: float = 0.0) -> nn.Sequential:
+        dropout: float = 0.0, bias: bool = True) -> nn.Sequential:
     """Flatten → [Linear → ReLU → Dropout] per hidden width → Linear head.
+
+    ``bias=False`` leaves the biases out of every Linear (head included), as the WSN and GPM
+    reference code's Permuted-MNIST MLP.
 
     The Permuted-MNIST network of CLNP and EideticNets is ``mlp((1, 28, 28), (2000, 2000), 10)``
     (EideticNets uses dropout 0.1). The final Linear is the head prototype that
@@ -44,11 +47,11 @@ def mlp(input_shape: Sequence[int], hidden: Sequence[int] = (2000, 2000), num_cl
     layers: dict[str, nn.Module] = {"flatten": nn.Flatten()}
     width = math.prod(input_shape)
     for i, h in enumerate(hidden, start=1):
-        layers[f"fc{i}"], layers[f"relu{i}"] = nn.Linear(width, h), nn.ReLU()
+        layers[f"fc{i}"], layers[f"relu{i}"] = nn.Linear(width, h, bias=bias), nn.ReLU()
         if dropout > 0:
             layers[f"drop{i}"] = nn.Dropout(dropout)
         width = h
-    layers["head"] = nn.Linear(width, num_classes)
+    layers["head"] = nn.Linear(width, num_classes, bias=bias)
     return nn.Sequential(OrderedDict(layers))
 
 
@@ -547,12 +550,14 @@ def mobilenetv2(input_shape: Sequence[int] = (3, 32, 32), num_classes: int = 10,
 # --- registry -------------------------------------------------------------------------------------
 
 def _mlp(input_shape: Sequence[int], num_classes: int = 10, *, hidden: Sequence[int] = (2000, 2000),
-         dropout: float = 0.0) -> nn.Sequential:
+         dropout: float = 0.0, bias: bool = True) -> nn.Sequential:
     """``mlp`` in the common ``builder(input_shape, num_classes, **options)`` convention."""
     if any(not isinstance(h, int) or isinstance(h, bool) or h < 1 for h in hidden):
         raise ConfigError(f"mlp: hidden widths must be positive integers, got {tuple(hidden)}")
     _positive("num_classes", num_classes, "mlp")
-    return mlp(input_shape, hidden, num_classes, dropout)
+    if not isinstance(bias, bool):
+        raise ConfigError(f"mlp: bias must be True or False, got {bias!r}")
+    return mlp(input_shape, hidden, num_classes, dropout, bias)
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {

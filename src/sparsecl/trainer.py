@@ -20,7 +20,7 @@ from .data.augment import random_crop_flip
 from .data.types import SPLIT_CACHE_BYTES, Benchmark, LazyTasks, TaskData, task_header, task_split
 from .distributed import World
 from .errors import CheckpointError, ConfigError, DataError, DivergenceError, ForgettingError
-from .evaluation import accuracy, as_float, predict
+from .evaluation import accuracy, as_float, mean_loss, predict
 from .evaluators import default_evaluators
 from .loggers import PHASES, Callback, CallbackList, HistoryRecorder, HistoryRow, TaskSummary
 from .methods.base import Method
@@ -308,8 +308,68 @@ class TaskSession:
         return (total[0] / total[2]).float(), int(total[1]), int(total[2])
 
     def fit(self, epochs: int, tasks: Sequence[TaskData] | None = None, phase: str | None = None) -> list[EpochStats]:
-        """``epochs`` training epochs (:meth:`train_epoch`), of ``phase`` (default: the current one)."""
+        """``epochs`` training epochs (:meth:`train_epoch`), of ``phase`` (default: the current one).
+
+        The current task's ``"train"`` epochs follow the validation schedule of
+        ``TrainConfig.restore_best`` / ``lr_patience`` when one is set (then fewer epochs may
+        run: the schedule stops once the learning rate falls below ``lr_min``).
+
+        Raises:
+            ConfigError: the schedule is set and the task has no validation split."""
+        cfg = self.config
+        if tasks is None and (phase or self._phase) == "train" and (cfg.restore_best or cfg.lr_patience):
+            with self.phase("train"):
+                return self._fit_on_validation(epochs)
         return [self.train_epoch(tasks, phase) for _ in range(epochs)]
+
+    def validation_loss(self) -> float:
+        """Mean loss of the current task on its validation split (eval mode), with the run's
+        loss (``TrainConfig.loss``, cross-entropy by default)."""
+        return mean_loss(self.net, self.task.val_x, self.task.val_y, self.t, self.config.eval_batch_size,
+                         self.config.device, self.task.prepare, self.config.loss)
+
+    def _fit_on_validation(self, epochs: int) -> list[EpochStats]:
+        # Every rank measures the whole validation split the same way, so all take the same
+        # decisions without a collective.
+        cfg = self.config
+        if len(self.task.val_y) == 0:
+            what = (f"task {self.t} has no validation split, which the validation schedule "
+                    "(restoring the best epoch, lowering the learning rate on plateaus) reads")
+            raise ConfigError(f"TrainConfig(restore_best=..., lr_patience=...): {what}; give the tasks "
+                              "validation data (val_fraction > 0)",
+                              cli=f"--restore-best/--lr-patience: {what}; use --val-fraction > 0")
+        best_loss, best, patience, stats = math.inf, None, cfg.lr_patience, []
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        for _ in range(epochs):
+            stats.append(self.train_epoch())
+            loss = self.validation_loss()
+            if loss < best_loss:
+                best_loss, patience = loss, cfg.lr_patience
+                if cfg.restore_best:
+                    best = self._trained_tensors()
+            elif cfg.lr_patience:
+                patience -= 1
+                if patience <= 0:
+                    lr /= cfg.lr_factor
+                    if lr < cfg.lr_min:
+                        break
+                    self.scale_lr(1 / cfg.lr_factor)
+                    patience = cfg.lr_patience
+        if best is not None:
+            self._restore_tensors(best)
+        return stats
+
+    def _trained_tensors(self) -> tuple[dict, list[torch.Tensor]]:
+        """Copies of the network's state and of the method's own trained tensors."""
+        return (copy.deepcopy(self.net.state_dict()),
+                [p.detach().clone() for p in self.method.own_parameters()])
+
+    def _restore_tensors(self, state: tuple[dict, list[torch.Tensor]]) -> None:
+        # The frozen entries have not moved within the task, so restoring them is exact.
+        self.net.load_state_dict(state[0])
+        with torch.no_grad():
+            for p, value in zip(self.method.own_parameters(), state[1]):
+                p.copy_(value)
 
     def accuracy(self, split: str = "train", max_samples: int | None = None) -> float:
         """Accuracy of the current task on ``split`` ('train', 'val' or 'test'), eval mode, over

@@ -36,7 +36,7 @@ from .common import fail, flags
 DEFAULT_BENCHMARK = "split-digits"  # bundled with scikit-learn: runs with no data root
 _METHOD_FIELDS = {f.name for _, c in METHODS.values() if c for f in dataclasses.fields(c)}
 # The model options: --from keeps the saved model's and refuses new values.
-_MODEL_OPTIONS = ("model", "hidden", "width", "dropout", "single_head")
+_MODEL_OPTIONS = ("model", "hidden", "width", "dropout", "bias", "single_head")
 # The task classifier's options: only with --routing classifier.
 _ROUTER_OPTIONS = ("router_buffer", "router_epochs", "router_lr", "router_hidden", "router_free_units")
 _TRAIN = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
@@ -190,8 +190,9 @@ R, D, M, T, RT, O = SECTIONS
         help="split-cifar100: classes per task (10: 10 tasks, 5: 20 tasks) [default: 10]", section=D)
 @option("--augment/--no-augment", default=None,
         help="CIFAR benchmarks: random crop (4-pixel padding) and flip of training batches [default: on]", section=D)
-@option("--normalize/--no-normalize", default=None, help="CIFAR benchmarks: per-channel normalization [default: on]",
-        section=D)
+@option("--normalize/--no-normalize", default=None,
+        help="per-channel input normalization by the data set's mean and std: CIFAR benchmarks [default: on] "
+             "and permuted-mnist [default: off]", section=D)
 @option("--model", type=click.Choice(list(MODELS)), default="mlp", show_default=True,
         help="the network (see sparsecl.models for each one's source)", section=M)
 @option("--hidden", default="400,400", show_default=True, help="--model mlp: hidden widths, comma-separated",
@@ -199,6 +200,7 @@ R, D, M, T, RT, O = SECTIONS
 @option("--width", type=int, default=None, help="convolutional models: base width; vit: embedding size; mobilenetv2: stem channels (multiplier width/32) [default: the paper's]", section=M)
 @option("--dropout", type=float, default=None, help="dropout rate of models that have one [mlp default: 0]",
         section=M)
+@option("--bias/--no-bias", default=None, help="--model mlp: biases in every Linear [default: on]", section=M)
 @option("--single-head", is_flag=True, default=False,
         help="one output layer shared by all tasks, each task reading its own final-hidden units", section=M)
 @option("--epochs", type=int, default=_TRAIN["epochs"], show_default=True,
@@ -208,6 +210,16 @@ R, D, M, T, RT, O = SECTIONS
 @option("--lr", type=float, default=_TRAIN["lr"], show_default=True, help="learning rate", section=T)
 @option("--weight-decay", type=float, default=_TRAIN["weight_decay"], show_default=True, section=T)
 @option("--momentum", type=float, default=_TRAIN["momentum"], show_default=True, help="SGD momentum", section=T)
+@option("--restore-best/--no-restore-best", default=_TRAIN["restore_best"], show_default=True,
+        help="after a task's training epochs, return to the epoch with the lowest validation loss (the WSN and "
+             "GPM reference code's schedule; needs --val-fraction > 0)", section=T)
+@option("--lr-patience", type=int, default=_TRAIN["lr_patience"], show_default=True,
+        help="divide the learning rate by --lr-factor after this many training epochs in a row without a lower "
+             "validation loss, and end the task's training below --lr-min (0: constant learning rate)", section=T)
+@option("--lr-factor", type=float, default=_TRAIN["lr_factor"], show_default=True,
+        help="--lr-patience: what the learning rate is divided by", section=T)
+@option("--lr-min", type=float, default=_TRAIN["lr_min"], show_default=True,
+        help="--lr-patience: the task's training ends once the learning rate would fall below this", section=T)
 @option("--eval-every", type=int, default=_TRAIN["eval_every"], show_default=True,
         help="re-evaluate the earlier tasks' test sets after every K-th task only (the new task and the bitwise "
              "probe check of every earlier task run after every task; every task after the last)", section=T)
@@ -435,6 +447,7 @@ def _spec(options: dict, given: set[str], resume: Path | None, from_checkpoint: 
                               classes_per_task=options["classes_per_task"],
                               normalize=options["normalize"]).items() if v is not None}}
     train = {k: options[k] for k in ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "momentum", "seed",
+                                     "restore_best", "lr_patience", "lr_factor", "lr_min",
                                      "eval_every", "eval_tasks", "routing", *_ROUTER_OPTIONS)}
     if options["routing"] != "classifier":
         stray = sorted(k for k in _ROUTER_OPTIONS if k in given
@@ -467,14 +480,17 @@ def _spec(options: dict, given: set[str], resume: Path | None, from_checkpoint: 
 
 
 def _model_options(options: dict, given: set[str]) -> dict:
-    """The options of ``--model``: the MLP's widths and dropout, or a conv model's given ones."""
+    """The options of ``--model``: the MLP's widths, dropout and biases, or a conv model's given ones."""
     name = options["model"]
     if name == "mlp":
         if "width" in given:
             raise ConfigError("--width sets a convolutional model's base width; the MLP takes --hidden")
-        return {"hidden": list(_widths(options["hidden"])), "dropout": options["dropout"] or 0.0}
+        return {"hidden": list(_widths(options["hidden"])), "dropout": options["dropout"] or 0.0,
+                **({} if options["bias"] is None else {"bias": options["bias"]})}
     if "hidden" in given:
         raise ConfigError(f"--hidden sets the MLP's widths; --model {name} takes --width")
+    if options["bias"] is not None:
+        raise ConfigError(f"--bias/--no-bias sets the MLP's biases; --model {name} has its own")
     return {k: options[k] for k in ("width", "dropout") if options[k] is not None}
 
 

@@ -9,7 +9,8 @@ Every builder returns a :class:`~sparsecl.data.types.Benchmark` whose tasks hold
   original label of local class ``k``;
 * ``normalize`` / ``augment``: the CIFAR benchmarks set the data set's per-channel mean and std
   (``normalize=True``, the default) and ask for random crop + flip of the training batches
-  (``augment=True``, the default); the others leave ``normalize=None``, ``augment=False``.
+  (``augment=True``, the default); ``permuted-mnist`` sets MNIST's mean and std on request
+  (``normalize=True``); the others leave ``normalize=None``, ``augment=False``.
 
 Randomness (class order aside) comes from ``seed`` only, through ``torch.Generator`` objects derived
 from ``(seed, purpose, task)``, so the same arguments always give identical tensors and changing
@@ -57,6 +58,9 @@ CIFAR_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "CIFAR10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "CIFAR100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
+#: Mean and std of MNIST's [0, 1]-scaled training pixels (the values of torchvision's MNIST recipes
+#: and of the WSN and GPM reference code's Permuted MNIST).
+MNIST_STATS: tuple[tuple[float, ...], tuple[float, ...]] = ((0.1307,), (0.3081,))
 
 #: Default ``class_order_seed`` of split-cifar100: iCaRL's seed, as in FACIL. With it the class
 #: order is ``numpy.random.RandomState(1993).permutation(100)`` = 68, 56, 78, 8, 23, ..., the order
@@ -371,9 +375,13 @@ def permuted_mnist(
     max_train_per_task: int | None = None,
     max_test_per_task: int | None = None,
     download: bool = False,
+    normalize: bool = False,
 ) -> Benchmark:
     """Permuted MNIST: each task holds all 10 digits with its own fixed pixel permutation
     (see :func:`pixel_permutations`); task 0 is unpermuted unless ``permute_first``.
+    ``normalize``: each task's inputs are standardized by MNIST's pixel mean and std
+    (:data:`MNIST_STATS`), as in the WSN and GPM reference code; off by default (pixels in [0, 1],
+    as CLNP and EideticNets train).
 
     Images ``uint8 (N, 1, 28, 28)``; labels ``int64`` 0..9 (``classes == (0, ..., 9)``). The tasks
     are built when accessed (``Benchmark.tasks`` is a :class:`~sparsecl.data.types.LazyTasks`):
@@ -387,8 +395,10 @@ def permuted_mnist(
     """
     _check_int("num_tasks", num_tasks, 1)
     _check_common(seed, val_fraction, max_train_per_task, max_test_per_task)
+    _check_bool("normalize", normalize)
     root, train, test = _mnist_tensors(data_root, "MNIST", download)
     table = _permutation_table(num_tasks, seed)
+    stats = MNIST_STATS if normalize else None
     permute_first = bool(permute_first)
     classes = tuple(range(10))
     pools = {"train": torch.arange(len(train[1])), "test": torch.arange(len(test[1]))}  # every task: all digits
@@ -402,20 +412,22 @@ def permuted_mnist(
 
     def build(t: int) -> TaskData:
         return _make_task(t, f"permuted-mnist:{t}", classes, train, test, transform=transform(t), pools=pools,
-                          **options)
+                          normalize=stats, **options)
 
     def split(t: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         # one split of task t from its permutation: the rows and pixels build(t) gives it
         idx = _split_indices(t, classes, train[1], test[1], splits=(name,), pools=pools, **options)[name]
         return _split_part(classes, test if name == "test" else train, idx, transform(t))
 
-    tasks = LazyTasks(num_tasks, build, lambda t: TaskHeader(t, f"permuted-mnist:{t}", classes), split=split)
+    tasks = LazyTasks(num_tasks, build, lambda t: TaskHeader(t, f"permuted-mnist:{t}", classes, stats),
+                      split=split)
     first = tasks[0]
     info = {
         "dataset": "MNIST",
         "data_root": root,
         "seed": seed,
         "permute_first": permute_first,
+        "normalize": [list(v) for v in stats] if stats else None,
         "val_fraction": val_fraction,
         "max_train_per_task": max_train_per_task,
         "max_test_per_task": max_test_per_task,
