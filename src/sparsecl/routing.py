@@ -30,8 +30,10 @@ Two routers:
   the meta-task of *every* training sample of every task seen (``ExemplarBuffer(None)``): it
   keeps the whole stream of training inputs, ``sum_t N_t`` samples.
 * ``"lda"`` (:mod:`sparsecl.feature_routing`, :func:`update_statistics`): class means and a shrunk
-  covariance of the penultimate features, accumulated task by task; keeps no input, O(d^2) once
-  plus O(d) per class (O(d^2) per task for weight-level methods).
+  covariance of the features, accumulated task by task; keeps no input, O(d^2) once plus O(d) per
+  class (O(d^2) per task for weight-level methods). With a unit ledger (EideticNets, CLNP) the
+  features are the outputs of every unit layer, each task reading the units frozen since its end
+  (exact); otherwise the penultimate features.
 
 Weight-level methods (PackNet, WSN, DST, TinySubNets) and single-task training have no shared
 feature pass: ``entropy`` and ``lda`` run every task's subnetwork on the whole batch
@@ -645,7 +647,8 @@ class RoutingRecord:
                 return "feature statistics (no inputs)"
             K, d = stats.means.shape
             cov = "one (d, d) covariance" if stats.shared else f"{stats.num_tasks} (d, d) covariances, one per task"
-            return f"feature statistics, no inputs: {K} class means and {cov}, d = {d}"
+            where = f" of the outputs of {len(stats.layers)} unit layers" if stats.layers else ""
+            return f"feature statistics, no inputs: {K} class means and {cov}{where}, d = {d}"
         return "nothing (no inputs, no statistics)"
 
     def to_dict(self, num_tasks: int) -> dict:
