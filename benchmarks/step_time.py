@@ -17,11 +17,14 @@ method's work with a first task frozen:
   400 steps by default) does not happen within the timed steps: what is timed is the step
   between updates.
 
-Steps alternate in small blocks so that machine noise hits both sides alike; the script prints
-both medians and their ratio.
+Steps alternate in small blocks so that machine noise hits every side alike; the script prints
+the medians and each engine/plain ratio. ``--method`` takes a comma-separated list (or ``all``:
+the four weight-level methods), measured side by side in one run against one plain model.
+``--fused`` builds every side's Adam with ``fused=True`` (one kernel per parameter instead of
+seven elementwise passes; what the ratios would be if the trainer did so).
 
-    python benchmarks/step_time.py [--method eidetic] [--model mlp] [--steps 200] [--hidden 2000,2000]
-                                   [--batch-size 256]
+    python benchmarks/step_time.py [--method eidetic|packnet,wsn,...|all] [--model mlp] [--steps 200]
+                                   [--hidden 2000,2000] [--batch-size 256] [--fused]
 """
 
 from __future__ import annotations
@@ -87,56 +90,68 @@ def learned_second_task(name: str, net: ContinualNetwork, shape, classes: int, b
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", choices=("eidetic", *WEIGHT_LEVEL), default="eidetic")
+    parser.add_argument("--method", default="eidetic",
+                        help=f"eidetic, one of {', '.join(WEIGHT_LEVEL)}, a comma-separated list, or all")
     parser.add_argument("--model", choices=tuple(SHAPES), default="mlp")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--block", type=int, default=5, help="steps per side before switching")
     parser.add_argument("--hidden", default="2000,2000", help="the MLP's hidden widths")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--fused", action="store_true", help="Adam with fused=True on every side")
     args = parser.parse_args()
+    methods = list(WEIGHT_LEVEL) if args.method == "all" else args.method.split(",")
+    for name in methods:
+        if name not in ("eidetic", *WEIGHT_LEVEL):
+            parser.error(f"--method: unknown method '{name}' (expected eidetic, {', '.join(WEIGHT_LEVEL)} or all)")
     shape, classes = SHAPES[args.model], 10
     options = {"hidden": tuple(int(h) for h in args.hidden.split(","))} if args.model == "mlp" else {}
     model = lambda: build(args.model, shape, classes, **options)  # noqa: E731
     torch.manual_seed(0)
-    config = TrainConfig(optimizer="adam", lr=1e-3)
+    if args.fused:
+        config = TrainConfig(optimizer=lambda params: torch.optim.Adam(params, lr=1e-3, fused=True), lr=1e-3)
+    else:
+        config = TrainConfig(optimizer="adam", lr=1e-3)
 
     plain = model()
     plain_opt = make_optimizer(list(plain.parameters()), config)
-
-    net = ContinualNetwork(model())
-    if args.method == "eidetic":
-        method = eidetic_second_task(net, random_task(0, shape, classes, 1))
-        what = "EideticNets, task 1, 50% of units frozen"
-    else:
-        method, owned = learned_second_task(args.method, net, shape, classes, args.batch_size)
-        what = f"{args.method}, task 1, default hyperparameters, {owned:.0%} of the weights owned by task 0"
-    engine_opt = make_optimizer(list(method.parameters(net, 1)), config)  # as the trainer builds it
-    net.train()
     plain.train()
-
     x = torch.rand(args.batch_size, *shape)
     y = torch.randint(0, classes, (args.batch_size,))
     tasks = torch.ones(args.batch_size, dtype=torch.long)
-    run_plain = lambda: plain_step(plain, plain_opt, x, y)  # noqa: E731
-    run_engine = lambda: training_step(net, method, engine_opt, x, y, tasks)  # noqa: E731
+    sides = {"plain": (lambda: plain_step(plain, plain_opt, x, y), "plain PyTorch")}
+    for name in methods:
+        net = ContinualNetwork(model())
+        if name == "eidetic":
+            method = eidetic_second_task(net, random_task(0, shape, classes, 1))
+            what = "EideticNets, task 1, 50% of units frozen"
+        else:
+            method, owned = learned_second_task(name, net, shape, classes, args.batch_size)
+            what = f"{name}, task 1, default hyperparameters, {owned:.0%} of the weights owned by task 0"
+        engine_opt = make_optimizer(list(method.parameters(net, 1)), config)  # as the trainer builds it
+        net.train()
+        sides[name] = (lambda net=net, method=method, opt=engine_opt: training_step(net, method, opt, x, y, tasks),
+                       what)
     for _ in range(10):  # warm-up
-        run_plain()
-        run_engine()
-    times = {"plain": [], "engine": []}
+        for fn, _ in sides.values():
+            fn()
+    times: dict[str, list[float]] = {side: [] for side in sides}
     done = 0
     while done < args.steps:
-        for side, fn in (("plain", run_plain), ("engine", run_engine)):
+        for side, (fn, _) in sides.items():
             for _ in range(args.block):
                 t0 = time.perf_counter()
                 fn()
                 times[side].append(time.perf_counter() - t0)
         done += args.block
-    p, e = statistics.median(times["plain"]), statistics.median(times["engine"])
+    medians = {side: statistics.median(ts) for side, ts in times.items()}
     arch = f"MLP 784-{args.hidden.replace(',', '-')}-10" if args.model == "mlp" else args.model
-    print(f"{arch}, batch {args.batch_size}, Adam, {args.steps} steps per side, {torch.get_num_threads()} threads")
-    print(f"plain PyTorch  median step {1000 * p:.2f} ms")
-    print(f"sparsecl       median step {1000 * e:.2f} ms  ({what})")
-    print(f"ratio engine/plain: {e / p:.3f}")
+    adam = "Adam (fused)" if args.fused else "Adam"
+    print(f"{arch}, batch {args.batch_size}, {adam}, {args.steps} steps per side, {torch.get_num_threads()} threads")
+    for side, (_, what) in sides.items():
+        label = "plain PyTorch" if side == "plain" else f"sparsecl {side}"
+        print(f"{label:22s} median step {1000 * medians[side]:8.2f} ms  ({what})")
+    for side in methods:
+        print(f"ratio engine/plain {side}: {medians[side] / medians['plain']:.3f}")
 
 
 if __name__ == "__main__":

@@ -361,3 +361,104 @@ def test_channels_last_weights_are_frozen_exactly(name):
     result = Trainer(method, TrainConfig(epochs=1, batch_size=16, optimizer="adamw", weight_decay=0.05)).fit(
         model, bench)
     assert result.max_logit_change == 0.0 and len(method.records) == 2
+
+
+def _first_of_ties_top(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The reference selection: a stable descending sort, so that ties at the cut go to the
+    lowest indices (torch.topk's set when nothing ties)."""
+    return mask_of(torch.sort(values.flatten(), descending=True, stable=True).indices[:k], values)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.sampled_from([7, 3000, 140_000]), fraction=st.floats(0.0, 1.0), seed=st.integers(0, 2**16),
+       kind=st.sampled_from(["normal", "ties", "constant"]),
+       bracket=st.one_of(st.none(), st.tuples(st.floats(-3, 3), st.floats(0, 2))))
+def test_bracketed_selection_is_exactly_the_top_k_whatever_the_bracket(n, fraction, seed, kind, bracket):
+    """``largest`` with any bracket (holding the cut, above it, below it, empty) and
+    ``TopSelection`` over a drifting tensor (WSN's scores between steps) pick exactly the
+    stable-sort top k, ties at the cut to the lowest indices."""
+    from sparsecl.methods.weight import TopSelection
+
+    g = torch.Generator().manual_seed(seed)
+    if kind == "ties":
+        values = torch.randint(0, 4, (n,), generator=g).float()
+    elif kind == "constant":
+        values = torch.full((n,), 0.5)
+    else:
+        values = torch.randn(n, generator=g)
+    k = round(fraction * n)
+    window = None if bracket is None else (bracket[0], bracket[0] + bracket[1])
+    assert torch.equal(largest(values, k, window), _first_of_ties_top(values, k))
+    selection = TopSelection()
+    for step in range(6):  # small drifts, then a jump that leaves the previous bracket behind
+        drift = 1e-3 * torch.randn(n, generator=g) if step < 5 else 2.0 + torch.randn(n, generator=g)
+        values = values + drift if kind == "normal" else values
+        assert torch.equal(selection(values.view(1, -1), k), _first_of_ties_top(values, k).view(1, -1))
+
+
+def test_bracketed_selection_refuses_nan_whatever_the_bracket():
+    from sparsecl.methods.weight import TopSelection
+
+    values = torch.randn(200_000)
+    values[123] = float("nan")
+    for bracket in (None, (-0.1, 0.1), (10.0, 11.0), (-11.0, -10.0)):
+        with pytest.raises(ValueError, match="some are NaN"):
+            largest(values, 1000, bracket)
+    selection = TopSelection()
+    selection(values.nan_to_num(), 1000)
+    with pytest.raises(ValueError, match="some are NaN"):
+        selection(values, 1000)
+
+
+def test_straight_through_and_dense_gradients_match_their_autograd_expressions():
+    """WSN's and DST's hand-written training products give the values and the gradients of the
+    expressions they stand for, bitwise."""
+    from sparsecl.methods.dst import _DenseGradient
+    from sparsecl.methods.wsn import _StraightThrough
+
+    g = torch.Generator().manual_seed(0)
+    w0, s0, up = (torch.randn(40, 30, generator=g) for _ in range(3))
+    mask = largest(s0.abs(), 500)
+    w, s = w0.clone().requires_grad_(), s0.clone().requires_grad_()
+    magnitude = s.abs()
+    (w * (mask.float() + (magnitude - magnitude.detach()))).backward(up)
+    w2, s2 = w0.clone().requires_grad_(), s0.clone().requires_grad_()
+    out = _StraightThrough.apply(w2, s2, mask.float())
+    out.backward(up)
+    assert torch.equal(out, torch.where(mask, w0, 0.0))
+    assert torch.equal(w2.grad, w.grad) and torch.equal(s2.grad, s.grad)
+
+    w, w2 = w0.clone().requires_grad_(), w0.clone().requires_grad_()
+    (w - torch.where(mask, 0.0, w).detach()).backward(up)
+    out = _DenseGradient.apply(w2, mask.float())
+    out.backward(up)
+    assert torch.equal(out, torch.where(mask, w0, 0.0)) and torch.equal(w2.grad, w.grad)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS) + ["tinysubnets"])
+def test_the_training_forward_computes_the_stored_subnetwork(name):
+    """Each task's logits through the method's training forward (the masks recomputed or cached
+    by the method at every step) equal, bitwise, its logits through the stored masks it is
+    frozen with: what a task learned is what it keeps."""
+    from sparsecl.methods import TinySubNets, TinySubNetsConfig
+
+    make = METHODS.get(name) or (lambda: TinySubNets(TinySubNetsConfig(density=0.4, prune_rounds=2, max_levels=4)))
+    base = type(make())
+
+    class Compared(base):
+        def end_task(self, session):
+            net = session.net.eval()
+            x = torch.randn(32, 20)
+            with torch.no_grad():
+                live = net(x, session.t)
+            super().end_task(session)
+            with torch.no_grad():
+                stored = net(x, session.t)
+            self.__dict__.setdefault("compared", []).append(torch.equal(live, stored))
+
+    method = make()
+    method.__class__ = Compared
+    torch.manual_seed(0)
+    bench = cluster_benchmark(num_tasks=3, n_train=120)
+    Trainer(method, TrainConfig(epochs=2, batch_size=32)).fit(ContinualNetwork(mlp((20,), (16, 12), 3)), bench)
+    assert method.compared == [True, True, True]

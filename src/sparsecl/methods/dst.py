@@ -91,6 +91,10 @@ class DST(WeightIsolation):
         self._step = 0
         self._total_steps = 1
         self._updates: list[dict] = []
+        self._active_f: list[torch.Tensor] = []  # ``_factors``' cache
+        self._keep_f: list[torch.Tensor] = []
+        self._active_key: list = []
+        self._keep_key: list = []
 
     # ---- the task's initial mask -------------------------------------------------------------
     @torch.no_grad()
@@ -123,10 +127,29 @@ class DST(WeightIsolation):
             self.active.append(active)
             self.fired.append(active.clone())
         self._step, self._updates = 0, []
+        self._active_key, self._keep_key = [], []  # new masks may reuse freed storage: never trust old keys
 
     def effective(self, i: int, weight: torch.Tensor) -> torch.Tensor:
         # value: the active weights (inactive ones exactly 0); gradient: dense, to every weight
-        return weight - torch.where(self.active[i], 0.0, weight).detach()
+        return _DenseGradient.apply(weight, self._factors(weight)[0][i])
+
+    def _factors(self, like: torch.Tensor, net=None) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """Per layer, 0/1 factors in ``like``'s dtype: the active weights and (with ``net``) the
+        weights that are not inactive-and-free. Products by them cost a third of ``where`` and
+        ``masked_fill`` on the CPU; they are rebuilt when the mask or the owner ids change."""
+        sources = list(self.active)
+        if net is not None:
+            sources += [net.subnetworks.owner(i) for i in range(len(self.active))]
+        key = [(like.dtype, like.device)] + [(a.data_ptr(), a._version) for a in sources]
+        if key[:len(self.active) + 1] != self._active_key:
+            self._active_f = [a.to(like.dtype) for a in self.active]
+            self._active_key = key[:len(self.active) + 1]
+        if net is None:
+            return self._active_f, None
+        if key != self._keep_key:
+            self._keep_f = [(~self.free(net, i) | a).to(like.dtype) for i, a in enumerate(self.active)]
+            self._keep_key = key
+        return self._active_f, self._keep_f
 
     # ---- training and topology updates -------------------------------------------------------
     def train_task(self, session) -> None:
@@ -145,8 +168,8 @@ class DST(WeightIsolation):
     def after_step(self, net) -> None:
         super().after_step(net)
         with torch.no_grad():
-            for i, active in enumerate(self.active):
-                self.weight(net, i).masked_fill_(self.free(net, i) & ~active, 0.0)
+            for i, keep in enumerate(self._factors(self.weight(net, 0), net)[1]):
+                self.weight(net, i).mul_(keep)  # inactive free weights back to zero
         self._step += 1
         if self._step % self.config.update_interval == 0 and self._step < self._total_steps:
             self.update(net)
@@ -219,6 +242,20 @@ class DST(WeightIsolation):
     def task_log(self, net, t: int) -> dict:
         return {"init": self.config.resolved_init, "densities": self.densities, "updates": len(self._updates),
                 "moved": sum(u["moved"] for u in self._updates)}
+
+
+class _DenseGradient(torch.autograd.Function):
+    """``weight · active`` (0/1 in the weight's dtype) whose gradient goes to every weight
+    unchanged (the reference code's dense layer with zeros at inactive weights); one product
+    forward, nothing backward."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        return weight * active
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
 
 
 def _random_subset(mask: torch.Tensor, k: int) -> torch.Tensor:

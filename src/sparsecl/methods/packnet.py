@@ -73,14 +73,17 @@ class PackNet(WeightIsolation):
         super().__init__()
         self.config = config or PackNetConfig()
         self.active: list[torch.Tensor] = []
+        self._dense: list[bool] = []  # per layer: every weight active (the task has not been pruned yet)
 
     def start_task(self, net, t: int) -> None:
         self.config.prune_fraction(t)  # refuses a task beyond --shares before training
         # every weight: the earlier tasks' (frozen, reused) and the free ones (trained)
         self.active = [torch.ones_like(self.free(net, i)) for i in range(len(net.subnetworks.layers))]
+        self._dense = [True] * len(self.active)
 
     def effective(self, i: int, weight: torch.Tensor) -> torch.Tensor:
-        return torch.where(self.active[i], weight, 0.0)
+        # before pruning every weight is active: the weight itself, not a copy of it
+        return weight if self._dense[i] else torch.where(self.active[i], weight, 0.0)
 
     def train_task(self, session) -> None:
         session.fit(session.config.epochs)
@@ -101,6 +104,7 @@ class PackNet(WeightIsolation):
                 continue
             drop = self.smallest(w, new, k)
             self.active[i] &= ~drop
+            self._dense[i] = False
             w.masked_fill_(drop, 0.0)
 
     @torch.no_grad()

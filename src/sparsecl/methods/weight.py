@@ -177,53 +177,126 @@ def mask_of(flat_indices: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return out.view(like.shape)
 
 
-def largest(values: torch.Tensor, k: int) -> torch.Tensor:
+def largest(values: torch.Tensor, k: int, bracket: tuple[float, float] | None = None) -> torch.Tensor:
     """Bool mask (``values``' shape) of exactly ``k`` entries of largest value: every entry in
     the mask is ≥ every entry outside it. Among values tied at the cut the lowest row-major
     indices are taken on the CPU; on other devices ``torch.topk`` picks.
 
     Without ties at the cut this is the set ``torch.topk`` selects. On the CPU it is found
-    faster on the layers of millions of weights whose masks WSN recomputes at every forward
-    (2 threads: about 1.5× at 1.6 M entries, 2.5× at 4 M). The k-th largest value is found by
-    ``kthvalue`` within a narrow band of values bracketed by a strided sample, and the bracket
-    is checked by exact counts (the whole tensor's ``kthvalue`` when it misses).
+    faster on the layers of millions of weights whose masks WSN recomputes at every forward:
+    the k-th largest value is found by ``kthvalue`` within a narrow band ``[lo, hi]`` of values,
+    checked by exact counts: ``bracket`` when given (``TopSelection`` passes one around the
+    previous step's cut), else one read off a strided sample; the whole tensor's ``kthvalue``
+    when both miss. The bracket changes the cost, never the mask.
 
     Raises:
         ValueError: ``k`` is not in ``0 .. values.numel()``, or (on the CPU) a value is NaN.
     """
+    return _largest(values, k, bracket)[0]
+
+
+class TopSelection:
+    """Exact top-k masks of a tensor that moves a little between calls (WSN's scores after each
+    optimizer step): each call brackets the cut around the previous call's and widens the
+    bracket when the cut moves (``largest``, which verifies the bracket by exact counts and
+    falls back when it misses, so that the mask never depends on this state)."""
+
+    def __init__(self) -> None:
+        self.cut: float | None = None
+        self.width = 0.0
+
+    def __call__(self, values: torch.Tensor, k: int) -> torch.Tensor:
+        bracket = None
+        if self.cut is not None and self.width > 0:
+            bracket = (self.cut - self.width, self.cut + self.width)
+        mask, cut, hit = _largest(values, k, bracket)
+        if cut is None or not math.isfinite(cut):  # nothing to track (k = 0 or numel, not on the CPU, ±inf)
+            self.cut, self.width = None, 0.0
+            return mask
+        if self.cut is not None:
+            moved = abs(cut - self.cut)
+            # room for a few steps' drift; shrinks geometrically while the cut stands still
+            self.width = max(4 * moved, self.width / 2) if hit else max(8 * self.width, 8 * moved)
+        if not 0 < self.width < math.inf:
+            self.width = max(abs(cut) * 1e-4, 1e-30)
+        self.cut = cut
+        return mask
+
+
+def _largest(values: torch.Tensor, k: int,
+             bracket: tuple[float, float] | None) -> tuple[torch.Tensor, float | None, bool]:
+    """``largest``'s mask, the cut (the k-th largest value; None when nothing is ranked) and
+    whether ``bracket`` held it."""
     flat = values.detach().flatten()
     n = flat.numel()
     if not 0 <= k <= n:
         raise ValueError(f"cannot select {k} of {n} entries")
     if flat.device.type != "cpu":  # topk is fast there, and counting would synchronize
-        return mask_of(torch.topk(flat, k, sorted=False).indices, values)
-    if flat.is_floating_point() and bool(flat.isnan().any()):
-        raise ValueError(f"cannot rank {n} entries of which some are NaN")
+        return mask_of(torch.topk(flat, k, sorted=False).indices, values), None, False
     if k in (0, n):
-        return torch.full_like(values, k == n, dtype=torch.bool)
-    cut = _kth_largest(flat, k)
-    mask = flat > cut
-    missing = k - int(mask.sum())
-    if missing:  # ties at the cut: the first ones
-        mask[(flat == cut).nonzero().squeeze(1)[:missing]] = True
-    return mask.view_as(values)
+        if flat.is_floating_point() and bool(flat.isnan().any()):
+            raise ValueError(f"cannot rank {n} entries of which some are NaN")
+        return torch.full_like(values, k == n, dtype=torch.bool), None, False
+    if bracket is not None:
+        found = _band_select(flat, k, *bracket)
+        if found is not None:
+            return found[0].view_as(values), found[1], True
+    sampled = _sample_bracket(flat, k)
+    if sampled is not None:
+        found = _band_select(flat, k, *sampled)
+        if found is not None:
+            return found[0].view_as(values), found[1], False
+    # every entry is in the band: one kthvalue over the whole tensor
+    found = _band_select(flat, k, -math.inf, math.inf)
+    assert found is not None
+    return found[0].view_as(values), found[1], False
 
 
-def _kth_largest(flat: torch.Tensor, k: int, sample_size: int = 16384) -> torch.Tensor:
-    """The k-th largest entry of 1-D ``flat`` (0 < k < numel), as a 0-d tensor."""
+def _sample_bracket(flat: torch.Tensor, k: int, sample_size: int = 16384) -> tuple[float, float] | None:
+    """A bracket ``(lo, hi)`` likely to hold the k-th largest of 1-D ``flat``, read off a
+    strided sample (None for a tensor too small to sample)."""
     n = flat.numel()
     stride = n // sample_size
-    if stride >= 8:
-        sample = flat[::stride].sort(descending=True).values
-        m = sample.numel()
-        rank = k * m / n  # where the cut falls in the sample, from the top
-        slack = 4 * math.sqrt(rank * (1 - rank / m)) + 8  # binomial spread, with room
-        high = sample[max(0, math.floor(rank - slack) - 1)]
-        low = sample[min(m - 1, math.ceil(rank + slack) - 1)]
-        above = int((flat > high).sum())
-        if above < k:  # the cut is ≤ high ...
-            band = flat[(flat >= low) & (flat <= high)]
-            need = k - above
-            if need <= band.numel():  # ... and ≥ low: it is the need-th largest of the band
-                return band.kthvalue(band.numel() - need + 1).values
-    return flat.kthvalue(n - k + 1).values
+    if stride < 8:
+        return None
+    sample = flat[::stride].sort(descending=True).values
+    m = sample.numel()
+    rank = k * m / n  # where the cut falls in the sample, from the top
+    slack = 4 * math.sqrt(rank * (1 - rank / m)) + 8  # binomial spread, with room
+    high = float(sample[max(0, math.floor(rank - slack) - 1)])
+    low = float(sample[min(m - 1, math.ceil(rank + slack) - 1)])
+    if not low <= high:  # a NaN in the sample: the band finds and reports it
+        return -math.inf, math.inf
+    return low, high
+
+
+def _band_select(flat: torch.Tensor, k: int, lo: float, hi: float) -> tuple[torch.Tensor, float] | None:
+    """Exactly ``largest(flat, k)`` and the cut, when the cut lies in ``[lo, hi]``; else None.
+
+    Entries above ``hi`` are all in the mask; the band (entries neither below ``lo`` nor above
+    ``hi``, hence also every NaN) is gathered, and the rest of the mask is chosen in it. Costs
+    three comparisons over the whole tensor and work proportional to the band.
+
+    Raises:
+        ValueError: a value is NaN (every NaN falls in the band).
+    """
+    above = flat > hi
+    n_above = int(torch.count_nonzero(above))
+    if n_above >= k:  # the cut is above hi (checked before NaN: a NaN anywhere is found below)
+        if not bool(flat.isnan().any()):
+            return None
+        raise ValueError(f"cannot rank {flat.numel()} entries of which some are NaN")
+    band = torch.lt(flat, lo).logical_or_(above).logical_not_()
+    idx = band.nonzero().squeeze(1)  # ascending: ties are taken first-index first
+    vals = flat[idx]
+    if vals.is_floating_point() and bool(vals.isnan().any()):
+        raise ValueError(f"cannot rank {flat.numel()} entries of which some are NaN")
+    need = k - n_above
+    if need > vals.numel():  # the cut is below lo
+        return None
+    cut = vals.kthvalue(vals.numel() - need + 1).values
+    taken = vals > cut
+    ties = (vals == cut).nonzero().squeeze(1)[:need - int(torch.count_nonzero(taken))]
+    above[idx[taken]] = True
+    above[idx[ties]] = True
+    return above, float(cut)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .weight import WeightIsolation, largest
+from .weight import TopSelection, WeightIsolation, largest
 
 
 def _opt(help: str, **kw):
@@ -34,11 +34,37 @@ class WSNConfig:
             raise ConfigError(f"--density must be in (0, 1], got {self.density}")
 
 
-def top_fraction(scores: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Bool mask (``scores``' shape) of exactly ``round(fraction · numel)`` entries (at least one)
-    of largest ``|scores|`` (ties at the cut: see ``weight.largest``)."""
-    k = max(1, math.floor(fraction * scores.numel() + 0.5))  # half up, as sparsity.layer_budget
-    return largest(scores.detach().abs(), k)
+def top_count(scores: torch.Tensor, fraction: float) -> int:
+    """``round(fraction · numel)`` (half up, as ``sparsity.layer_budget``), at least one."""
+    return max(1, math.floor(fraction * scores.numel() + 0.5))
+
+
+def top_fraction(scores: torch.Tensor, fraction: float, selection: TopSelection | None = None) -> torch.Tensor:
+    """Bool mask (``scores``' shape) of exactly ``top_count(scores, fraction)`` entries of largest
+    ``|scores|`` (ties at the cut: see ``weight.largest``). ``selection`` carries the previous
+    cut of the same scores to bracket this one (faster, same mask)."""
+    magnitude, k = scores.detach().abs(), top_count(scores, fraction)
+    return selection(magnitude, k) if selection is not None else largest(magnitude, k)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """``weight · mask`` (``mask`` 0/1 in the weight's dtype) with WSN's straight-through
+    gradient to the scores: the gradient of ``weight · (mask + |s| − sg(|s|))`` (sg:
+    stop-gradient), i.e. ``g · mask`` to the weight and ``g · weight · sgn(s)`` to the scores
+    ``s``, written out so that the forward is one product and the backward four elementwise
+    operations (autograd's graph of the expression above takes more, and keeps more alive)."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight, scores, mask)
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight, scores, mask = ctx.saved_tensors
+        to_weight = grad * mask if ctx.needs_input_grad[0] else None
+        to_scores = (grad * weight).mul_(scores.sgn()) if ctx.needs_input_grad[1] else None
+        return to_weight, to_scores, None
 
 
 class WSN(WeightIsolation):
@@ -49,6 +75,7 @@ class WSN(WeightIsolation):
         super().__init__()
         self.config = config or WSNConfig()
         self.scores: list[nn.Parameter] = []
+        self._selections: list[TopSelection] = []  # per layer: the previous cut (a speed-up, never state)
 
     def setup(self, net) -> None:
         super().setup(net)
@@ -65,11 +92,12 @@ class WSN(WeightIsolation):
         pass
 
     def effective(self, i: int, weight: torch.Tensor) -> torch.Tensor:
+        while len(self._selections) <= i:
+            self._selections.append(TopSelection())
         s = self.scores[i]
-        mask = top_fraction(s, self.config.density).to(weight.dtype)
-        magnitude = s.abs()
-        # straight-through: the value is exactly the 0/1 mask, the gradient reaches the scores
-        return weight * (mask + (magnitude - magnitude.detach()))
+        mask = top_fraction(s, self.config.density, self._selections[i]).to(weight.dtype)
+        # straight-through: the value is the masked weight, the gradient reaches the scores
+        return _StraightThrough.apply(weight, s, mask)
 
     def used(self, net, t: int) -> list[torch.Tensor]:
         return [top_fraction(s, self.config.density) for s in self.scores]
