@@ -95,7 +95,8 @@ class WSN(WeightIsolation):
         while len(self._selections) <= i:
             self._selections.append(TopSelection())
         s = self.scores[i]
-        mask = top_fraction(s, self.config.density, self._selections[i]).to(weight.dtype)
+        # through uint8: a bool → float copy is not vectorized on the CPU (about 9× slower)
+        mask = top_fraction(s, self.config.density, self._selections[i]).view(torch.uint8).to(weight.dtype)
         # straight-through: the value is the masked weight, the gradient reaches the scores
         return _StraightThrough.apply(weight, s, mask)
 
