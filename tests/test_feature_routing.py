@@ -311,3 +311,32 @@ def test_lda_through_the_cli_run_eval_and_report(tmp_path, method):
     assert CliRunner().invoke(main, ["report", str(out)]).exit_code == 0
     assert (out / "routing.png").read_bytes().startswith(b"\x89PNG")
     assert f"| data kept for routing | {r['kept']} |" in (out / "report.md").read_text()
+
+
+def test_run_lda_shrinkage_equals_rescoring_a_saved_run(tmp_path):
+    """``run --lda-shrinkage a`` routes as ``eval --lda-shrinkage a`` on a run made with the default
+    (the scatter is kept unshrunk); the option is refused without --routing lda, or out of range."""
+    import json
+
+    from click.testing import CliRunner
+
+    from sparsecl.cli import main
+
+    base = ["run", "--method", "eidetic", "--patience", "1", "--tasks", "2", "--epochs", "2", "--hidden", "32,32",
+            "--batch-size", "32", "--max-train-per-task", "300", "--max-test-per-task", "200", "--no-progress",
+            "--routing", "lda"]
+    for name, extra in (("default", []), ("shrunk", ["--lda-shrinkage", "0.5"])):
+        result = CliRunner().invoke(main, [*base, *extra, "--out", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+    shrunk = json.loads((tmp_path / "shrunk" / "metrics.json").read_text())
+    assert shrunk["config"]["lda_shrinkage"] == 0.5
+    rescored = CliRunner().invoke(main, ["eval", str(tmp_path / "default"), "--routing", "lda", "--lda-shrinkage",
+                                         "0.5", "--json", str(tmp_path / "e.json")])
+    assert rescored.exit_code == 0, rescored.output
+    saved = json.loads((tmp_path / "e.json").read_text())
+    assert [row["routed_accuracy"] for row in saved["tasks"]] == shrunk["routing"]["accuracy_matrix"][-1]
+    for extra, why in ((["--lda-shrinkage", "0.5", "--routing", "entropy"], "--lda-shrinkage configures --routing lda"),
+                       (["--lda-shrinkage", "1.5", "--routing", "lda"], "--lda-shrinkage must lie in [0, 1]")):
+        bad = CliRunner().invoke(main, [*base[:-2], *extra, "--out", str(tmp_path / "bad")])
+        assert bad.exit_code != 0 and why in bad.output, bad.output
+        assert not (tmp_path / "bad").exists()

@@ -68,7 +68,8 @@ class TrainConfig:
     method keeps a unit ledger (else a head on the frozen features); ``"classifier-all"``, the same
     on every training sample of every task (keeps the whole stream); ``"entropy"``, the head
     with the lowest softmax entropy (keeps no data); or ``"lda"``, class means and a shrunk
-    covariance of the features (keeps no inputs). Entropy and lda also route weight-level
+    covariance of the features (keeps no inputs; ``lda_shrinkage`` a pulls the covariance S to
+    ``(1 - a) S + a (tr S / p) I``). Entropy and lda also route weight-level
     methods, through every task's subnetwork. Routing draws from generators of its own
     and never changes the network: the task-incremental results are the same bit for bit
     whatever ``routing`` is.
@@ -115,6 +116,7 @@ class TrainConfig:
     router_lr: float = 1e-3
     router_hidden: int = 0
     router_free_units: bool = True
+    lda_shrinkage: float = 0.1
     loss: Any = None  # None (cross-entropy) or a LossFunction
     eval_every: int = 1
     eval_tasks: str = "all"  # "all" or indices / inclusive ranges: "0,5,10-19"
@@ -162,6 +164,8 @@ class TrainConfig:
                 raise _bad(name, f"must be non-negative, got {getattr(self, name)}")
         if not self.router_lr > 0:
             raise _bad("router_lr", f"must be above 0, got {self.router_lr}")
+        if not 0 <= self.lda_shrinkage <= 1:
+            raise _bad("lda_shrinkage", f"must lie in [0, 1], got {self.lda_shrinkage}")
         if not self.lr_factor > 1:
             raise _bad("lr_factor", f"must be above 1 (the learning rate is divided by it), got {self.lr_factor}")
         parse_eval_tasks(self.eval_tasks)

@@ -801,7 +801,8 @@ class RoutingEvaluator:
         seen = benchmark.tasks[: t + 1]
         routing_net = net
         if cfg.routing == "lda":
-            rec.router = update_statistics(net, seen, rec.router, self.method, cfg.eval_batch_size, cfg.device)
+            rec.router = update_statistics(net, seen, rec.router, self.method, cfg.eval_batch_size, cfg.device,
+                                           shrinkage=cfg.lda_shrinkage)
         if cfg.routing.startswith("classifier"):
             free = free_units_of(self.method) if cfg.router_free_units else None
             size = cfg.router_buffer if cfg.routing == "classifier" else None

@@ -245,6 +245,8 @@ R, D, M, T, RT, O = SECTIONS
 @option("--router-free-units/--no-router-free-units", default=_TRAIN["router_free_units"], show_default=True,
         help="--routing classifier: the router also trains units of its own in the capacity no task owns "
              "(EideticNets, CLNP); off: a head on the frozen features only", section=RT)
+@option("--lda-shrinkage", type=float, default=_TRAIN["lda_shrinkage"], show_default=True,
+        help="--routing lda: shrinkage a of the feature covariance S towards (tr S / p) I, in [0, 1]", section=RT)
 @option("--progress/--no-progress", default=True, show_default=True,
         help="a progress bar per task on a terminal (epoch, loss, accuracy); the summary line per task is "
              "printed either way", section=O)
@@ -448,7 +450,9 @@ def _spec(options: dict, given: set[str], resume: Path | None, from_checkpoint: 
                               normalize=options["normalize"]).items() if v is not None}}
     train = {k: options[k] for k in ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "momentum", "seed",
                                      "restore_best", "lr_patience", "lr_factor", "lr_min",
-                                     "eval_every", "eval_tasks", "routing", *_ROUTER_OPTIONS)}
+                                     "eval_every", "eval_tasks", "routing", "lda_shrinkage", *_ROUTER_OPTIONS)}
+    if "lda_shrinkage" in given and options["routing"] != "lda":
+        raise ConfigError(f"--lda-shrinkage configures --routing lda; --routing is {options['routing']}")
     if options["routing"] != "classifier":
         stray = sorted(k for k in _ROUTER_OPTIONS if k in given
                        and (options["routing"] != "classifier-all" or k == "router_buffer"))
