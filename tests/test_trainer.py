@@ -113,3 +113,23 @@ def test_unknown_device_is_a_config_error():
     with pytest.raises(ConfigError, match=r"TrainConfig\(device=...\): device must be a torch device") as info:
         TrainConfig(device="foo")
     assert info.value.cli_message.startswith("--device must be a torch device")
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+def test_fused_optimizers_keep_zero_forgetting_and_repeat_bit_for_bit(optimizer):
+    from sparsecl.methods import WSN, WSNConfig
+
+    config = TrainConfig(epochs=2, batch_size=32, optimizer=optimizer, lr=0.01, momentum=0.9, weight_decay=0.01,
+                         fused=True)
+    results = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        method = WSN(WSNConfig(density=0.5))
+        results.append(Trainer(method, config).fit(mlp((20,), (32, 32), 3), cluster_benchmark(num_tasks=3)))
+        assert results[-1].max_logit_change == 0.0
+    assert results[0].accuracy_matrix == results[1].accuracy_matrix
+    from sparsecl.trainer import make_optimizer
+
+    assert make_optimizer([torch.nn.Parameter(torch.zeros(3))], config).defaults["fused"] is True
+    with pytest.raises(ConfigError, match="fused"):
+        TrainConfig(optimizer=lambda p: torch.optim.Adam(p), fused=True)

@@ -52,6 +52,11 @@ class TrainConfig:
     when they set it. Zero forgetting holds under any optimizer: frozen entries are written
     back after every step, whatever the optimizer did to them.
 
+    ``fused``: build the named optimizer with ``fused=True`` (PyTorch's one-kernel-per-parameter
+    implementation): faster steps, most of all for the weight-level methods, whose scores and
+    masks double the tensors stepped; its rounding differs from the default implementation's, so
+    a run is repeatable bit for bit only with the same setting. Not for an optimizer factory.
+
     ``loss``: ``None`` (cross-entropy) or a callable ``(logits (N, C), labels (N,)) -> scalar``
     mean loss over the batch, e.g. ``torch.nn.CrossEntropyLoss(label_smoothing=0.1)``; methods
     add their own terms (penalties, distillation) to it.
@@ -105,6 +110,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     momentum: float = 0.0
+    fused: bool = False
     seed: int = 0
     eval_batch_size: int = 1024
     probe_size: int = 256
@@ -151,6 +157,9 @@ class TrainConfig:
         elif not callable(self.optimizer):
             raise ConfigError(f"TrainConfig(optimizer=...): optimizer must be one of {', '.join(OPTIMIZERS)} or a "
                               f"callable params -> torch.optim.Optimizer, got {self.optimizer!r}")
+        if self.fused and callable(self.optimizer):
+            raise _bad("fused", "applies to the named optimizers ('adam', 'adamw', 'sgd'); build your "
+                                "factory's optimizer with fused=True instead")
         if self.loss is not None and not callable(self.loss):
             raise ConfigError(f"TrainConfig(loss=...): loss must be None (cross-entropy) or a callable "
                               f"(logits, labels) -> scalar loss, got {self.loss!r}")

@@ -44,11 +44,12 @@ def make_optimizer(params: Sequence[nn.Parameter], config: TrainConfig) -> torch
             raise ConfigError(f"TrainConfig(optimizer=...): the factory must return a torch.optim.Optimizer "
                               f"built on the parameters it is given, got {type(optimizer).__name__}")
         return optimizer
+    fused = {"fused": True} if config.fused else {}  # one kernel per parameter instead of one per operation
     if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, **fused)
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, **fused)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, **fused)
 
 
 @contextmanager

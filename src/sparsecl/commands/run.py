@@ -210,6 +210,9 @@ R, D, M, T, RT, O = SECTIONS
 @option("--lr", type=float, default=_TRAIN["lr"], show_default=True, help="learning rate", section=T)
 @option("--weight-decay", type=float, default=_TRAIN["weight_decay"], show_default=True, section=T)
 @option("--momentum", type=float, default=_TRAIN["momentum"], show_default=True, help="SGD momentum", section=T)
+@option("--fused/--no-fused", default=_TRAIN["fused"], show_default=True,
+        help="the optimizer's fused implementation (one kernel per parameter): faster steps; rounds "
+             "differently from the default, so repeat a run with the same setting to get it bit for bit", section=T)
 @option("--restore-best/--no-restore-best", default=_TRAIN["restore_best"], show_default=True,
         help="after a task's training epochs, return to the epoch with the lowest validation loss (the WSN and "
              "GPM reference code's schedule; needs --val-fraction > 0)", section=T)
@@ -449,7 +452,7 @@ def _spec(options: dict, given: set[str], resume: Path | None, from_checkpoint: 
                               classes_per_task=options["classes_per_task"],
                               normalize=options["normalize"]).items() if v is not None}}
     train = {k: options[k] for k in ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "momentum", "seed",
-                                     "restore_best", "lr_patience", "lr_factor", "lr_min",
+                                     "fused", "restore_best", "lr_patience", "lr_factor", "lr_min",
                                      "eval_every", "eval_tasks", "routing", "lda_shrinkage", *_ROUTER_OPTIONS)}
     if "lda_shrinkage" in given and options["routing"] != "lda":
         raise ConfigError(f"--lda-shrinkage configures --routing lda; --routing is {options['routing']}")
