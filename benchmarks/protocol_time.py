@@ -1,6 +1,6 @@
 """Whole EideticNets runs side by side: the paper's walk, the bisect search and plain training.
 
-The setting of the issue "Fast protocols" (measured there for the reference implementation):
+The setting in which the EideticNets reference implementation (amazon-science/eideticnet-training) was timed:
 Permuted MNIST, 3 tasks (task 0 permuted too), MLP 784-2000-2000, 10,000 training images per
 task (of which ``--val-fraction`` is held out), Adam lr 1e-3, batch 256, at most 5 epochs before
 pruning with patience 1, 5% steps, tolerance 0.1%, at most 2 recovery epochs per step. Each
