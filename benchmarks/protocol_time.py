@@ -3,8 +3,9 @@
 The setting in which the EideticNets reference implementation
 (amazon-science/eideticnet-training) was timed on this machine kind: Permuted MNIST, 3 tasks
 (task 0 permuted too), MLP 784-2000-2000, 10,000 training images per task (of which
-``--val-fraction`` is held out), Adam lr 1e-3, batch 256, at most 5 epochs before pruning with patience 1, 5% steps, tolerance 0.1%, at most 2 recovery epochs per step. Each
-configuration is one whole run in this process, one after another (``--only`` picks some); the
+``--val-fraction`` is held out), Adam lr 1e-3, batch 256, at most 5 epochs before pruning with
+patience 1, 5% steps, tolerance 0.1%, at most 2 recovery epochs per step. Each configuration is
+one whole run in this process, one after another (``--only`` picks some); the
 script prints per task the wall time, the epochs trained (before pruning + recovery) and the
 units kept, then per run ACC and the ratios: over plain training (``finetune``, same epochs per
 task before pruning; also as epochs trained, which the machine's load cannot distort) and over
