@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..scoring import activation_scores
 from .neuron import NeuronIsolation
 
@@ -25,14 +25,15 @@ log = logging.getLogger(__name__)
 
 THETA_SCANS = ("first-fail", "full")
 THETA_EVALS = ("cached", "plain")
+L1_STEPS = ("gradient", "proximal")
 #: Largest cache of unchanged activations (bytes) the cached θ scan keeps for the whole
 #: validation split; beyond it they are recomputed for every evaluation (still without touching
 #: the weights).
 CACHE_BYTES = 1 << 30
 
 
-def _opt(help: str, **kw):
-    return field(metadata={"help": help}, **kw)
+def _opt(help: str, choices: tuple[str, ...] | None = None, **kw):
+    return field(metadata={"help": help, **({"choices": choices} if choices else {})}, **kw)
 
 
 def _floats(text: str, what: str) -> tuple[float, ...]:
@@ -87,6 +88,17 @@ class CLNPConfig:
                             "reused, frozen, by the new task instead of stopping with an error "
                             "(needs forward transfer; never the single head's final hidden layer)",
                             default=False)
+    reinit_input: bool = _opt("re-initialize, when a task starts, the input weights of the free units of the layers "
+                              "reading the model input (the default). --no-reinit-input keeps them as the "
+                              "previous task trained them, before pruning: Alg. 1 of the paper re-initializes "
+                              "only W^free = W(N_l -> N_l+1^inact) between layers of units, and the input is "
+                              "not one of the N_l", default=True)
+    l1: str = _opt("how the L1 penalty acts: 'gradient' (a term of the loss, the paper's) or 'proximal' (a "
+                   "soft-threshold w <- sign(w)·max(|w| - lr·α, 0) after every optimizer step on the "
+                   "weights the task trains, which gives exact zeros)", choices=L1_STEPS, default="gradient")
+    read_threshold: float = _opt("the per-task log counts a unit as read when a unit of a later layer (or a "
+                                 "head) reads it through a weight with |w| > this fraction of that layer's "
+                                 "largest |w|", default=1e-3)
 
     def __post_init__(self) -> None:
         self.alpha_grid = tuple(_floats(point, "alpha") for point in self.alpha.split(";"))
@@ -109,6 +121,10 @@ class CLNPConfig:
             raise ConfigError(f"--theta-scan must be one of {', '.join(THETA_SCANS)}, got '{self.theta_scan}'")
         if self.theta_eval not in THETA_EVALS:
             raise ConfigError(f"--theta-eval must be one of {', '.join(THETA_EVALS)}, got '{self.theta_eval}'")
+        if self.l1 not in L1_STEPS:
+            raise ConfigError(f"--l1 must be one of {', '.join(L1_STEPS)}, got '{self.l1}'")
+        if not 0 <= self.read_threshold < 1:
+            raise ConfigError(f"--read-threshold must be in [0, 1), got {self.read_threshold}")
         if self.patience is not None and self.patience < 1:
             raise ConfigError(f"--patience must be at least 1, got {self.patience}")
 
@@ -130,7 +146,16 @@ class CLNP(NeuronIsolation):
     the pruned units' outputs are zeroed where they are read, and the layers no scanned unit
     reaches are computed once per scan), which gives the plain evaluation's accuracy exactly.
     Its survivors become task t's units; the rest are recycled. ``log`` records every grid point
-    and the choice.
+    and the choice, and after the task (``units_read``) how many of each layer's owned units a
+    later layer or a head reads through a weight above ``read_threshold`` of that layer's largest.
+
+    ``l1='proximal'`` replaces the loss term by a soft-threshold after every optimizer step
+    (proximal gradient, e.g. Parikh & Boyd, "Proximal Algorithms", 2014, Sec. 6.1.1:
+    ``w ← sign(w)·max(|w| − lr·α, 0)``) on the same weights, with the learning rate of the
+    optimizer's parameter group: it gives exact zeros, where an L1 gradient under Adam makes an
+    unused weight oscillate around zero by about lr for any α. ``reinit_input=False`` keeps, at
+    the next task, the trained input weights of the units the task left free (Alg. 1 re-
+    initializes only ``W(N_l → N_{l+1}^inact)``, weights leaving a layer of units).
 
     Raises:
         ConfigError: a task has no validation split, or ``alpha`` does not match the network.
@@ -146,6 +171,10 @@ class CLNP(NeuronIsolation):
         self._alpha: tuple[float, ...] = ()
         self._penalty: list[tuple[torch.Tensor, float, tuple[int, ...], torch.Tensor | None]] = []
         self._runs: list[dict] = []
+        # --no-reinit-input: per layer reading the model input, its (weight, bias) before the last
+        # pruning, i.e. as the paper's network holds the free units' input weights
+        self._revive: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._lr_groups: dict[int, dict] = {}  # id(parameter) -> its optimizer param group
 
     # ---- hooks -------------------------------------------------------------------------------
     def setup(self, net) -> None:
@@ -165,14 +194,59 @@ class CLNP(NeuronIsolation):
 
     def loss(self, net, x, y, tasks):
         loss, correct = net.task_loss(x, y, tasks)
+        if self.config.l1 == "proximal":  # the L1 term acts through after_step's soft-threshold
+            return loss, correct
         for weight, alpha, dims, keep in self._penalty:
             # L1 norm per unit (row, filter; a BatchNorm scale is one number) or, for a single head, per column
             norms = weight.abs().sum(dims) if dims else weight.abs()
             loss = loss + alpha * (norms.sum() if keep is None else (norms * keep).sum())
         return loss, correct
 
+    def after_step(self, net) -> None:
+        if self.config.l1 == "proximal":
+            self._proximal_step()
+        super().after_step(net)  # frozen entries written back (the soft-threshold never touches them)
+
+    def end_task(self, session) -> None:
+        super().end_task(session)
+        net, rel = session.net, self.config.read_threshold
+        read = read_units(net, self.ledger, rel)
+        t = session.t
+        self.log[-1]["read_threshold"] = rel
+        self.log[-1]["units_read"] = {
+            name: {"owned": int((~self.ledger.free(name)).sum()), "read": int(mask.sum()),
+                   "owned_new": int(self.ledger.owned_by(name, t).sum()),
+                   "read_new": int((mask & self.ledger.owned_by(name, t)).sum())}
+            for name, mask in read.items()}
+        self._lr_groups = {}
+
+    def state(self):
+        tensors, meta = super().state()
+        for name, (w, b) in self._revive.items():
+            tensors[f"revive.{name}.weight"] = w
+            if b is not None:
+                tensors[f"revive.{name}.bias"] = b
+        return tensors, meta
+
+    def load_state(self, net, tensors, meta) -> None:
+        """Raises ``CheckpointError`` when the saved ledger or the saved input weights of free
+        units (``--no-reinit-input``) do not fit ``net``."""
+        super().load_state(net, tensors, meta)
+        self._revive = {}
+        for name, layer in net.graph.layers.items():
+            w = tensors.get(f"revive.{name}.weight")
+            if w is None:
+                continue
+            own = layer.module.weight
+            if w.shape[1:] != own.shape[1:] or w.shape[0] > own.shape[0]:
+                raise CheckpointError(f"the checkpoint's input weights of the free units of layer '{name}' have "
+                                      f"shape {tuple(w.shape)}; the layer's weight has {tuple(own.shape)}")
+            self._revive[name] = (w.clone(), None if f"revive.{name}.bias" not in tensors
+                                  else tensors[f"revive.{name}.bias"].clone())
+
     def train_task(self, session) -> None:
         cfg = self.config
+        self._lr_groups = {id(p): g for g in session.optimizer.param_groups for p in g["params"]}
         grid = [(a, lr) for a in cfg.alpha_grid for lr in (cfg.lr_grid or (session.config.lr,))]
         start = session.snapshot() if len(grid) > 1 else None
         self._runs = []
@@ -209,6 +283,10 @@ class CLNP(NeuronIsolation):
         if r["state"] is not None:
             session.rollback(r["state"])
         self._set_alpha(net, tuple(r["alpha"]))
+        if not cfg.reinit_input:  # the free units' input weights as trained, for the next task
+            self._revive = {name: (layer.module.weight.detach().clone(),
+                                   None if layer.module.bias is None else layer.module.bias.detach().clone())
+                            for name, layer in net.graph.layers.items() if layer.source is None}
         self.prune(net, t, r["units"])
         entry = {"task": t, "best_val_accuracy": best, "margin": cfg.margin, "floor": floor,
                  "chosen": self._runs.index(r), "theta": r["theta"],
@@ -227,6 +305,43 @@ class CLNP(NeuronIsolation):
                  entry["theta"], entry["kept"], entry["val_accuracy_pruned"], best, floor)
 
     # ---- steps -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _proximal_step(self) -> None:
+        """Soft-threshold ``w ← sign(w)·max(|w| − lr·α, 0)`` of the entries that carry an L1
+        term (the rows of free, unpruned units; a single head's columns of them; the task's own
+        head): the proximal operator of ``lr·α·‖w‖₁``. Other entries are not touched."""
+        for weight, alpha, dims, keep in self._penalty:
+            group = self._lr_groups.get(id(weight))
+            if group is None:  # not in the task's optimizer: not trained by the task
+                continue
+            shrunk = torch.nn.functional.softshrink(weight, float(group["lr"]) * alpha)
+            if keep is None:
+                weight.copy_(shrunk)
+            else:
+                shape = [1] * weight.dim()
+                shape[next(d for d in range(weight.dim()) if d not in dims)] = -1
+                weight.copy_(torch.where(keep.view(shape).bool(), shrunk, weight))
+
+    @torch.no_grad()
+    def _reinitialize_free_units(self, net) -> None:
+        super()._reinitialize_free_units(net, input_layers=self.config.reinit_input)
+        if self.config.reinit_input:
+            return
+        for name, layer in net.graph.layers.items():
+            if layer.source is not None:
+                continue
+            if name not in self._revive:
+                raise ConfigError(f"--no-reinit-input keeps the input weights the previous task trained for the "
+                                  f"free units of layer '{name}', but none were recorded: the earlier tasks "
+                                  "were learned with input re-initialization (learn them with --no-reinit-input)")
+            w, b = self._revive[name]
+            module = layer.module
+            free = self.ledger.free(layer.group)[:len(w)]  # rows added by --widen keep their fresh values
+            idx = free.nonzero().flatten().to(module.weight.device)
+            module.weight.index_copy_(0, idx, w.to(module.weight.device).index_select(0, idx))
+            if b is not None and module.bias is not None:
+                module.bias.index_copy_(0, idx, b.to(module.bias.device).index_select(0, idx))
+
     def _train(self, session) -> tuple[float, int]:
         """Train one grid point; returns its validation accuracy and the epochs it took."""
         patience = self.config.patience
@@ -367,6 +482,39 @@ class CLNP(NeuronIsolation):
         else:
             terms.append((net.heads[t].weight, alpha, (1,), None))
         self._penalty = [term for term in terms if term[1] > 0]
+
+
+@torch.no_grad()
+def read_units(net, ledger, threshold: float = 0.0) -> dict[str, torch.Tensor]:
+    """Per unit group, a bool mask ``(num_units,)`` of the units owned by some task that an owned
+    unit of a layer reading the group, or a head (a single head's shared weight, or every task's
+    own head), reads through a weight with ``|w| > threshold · max|w|``, the maximum taken over
+    that reading layer's owned rows (over the whole head weight). A diagnostic of how CLNP's
+    Fig. 3 may count used units (paper 000, Sec. 3.1); ``threshold=0`` counts nonzero reads.
+    The head reads its source group only: units of other groups need a reading layer."""
+    out = {}
+    for name in net.graph.groups:
+        owned = ~ledger.free(name)
+        read = torch.zeros_like(owned)
+        for reader in net.graph.readers(name):
+            layer = net.graph.layers[reader]
+            read |= _read_above(layer.module.weight, ~ledger.free(layer.group), layer.fan, threshold)
+        if name == net.graph.head_source:
+            heads = [net.head_weight] if net.single_head else [h.weight for h in net.heads]
+            for w in heads:
+                read |= _read_above(w, torch.ones(w.shape[0], dtype=torch.bool), net.graph.head_fan, threshold)
+        out[name] = read & owned
+    return out
+
+
+def _read_above(weight: torch.Tensor, rows: torch.Tensor, fan: int, threshold: float) -> torch.Tensor:
+    """Bool mask of the source units (``fan`` input columns each) that ``weight``'s ``rows`` read
+    through an entry with ``|w| > threshold · max|w[rows]|``."""
+    w = weight.detach()[rows.to(weight.device)].abs()
+    if w.numel() == 0:
+        return torch.zeros(weight.shape[1] // fan, dtype=torch.bool)
+    cols = (w > threshold * w.max()).transpose(0, 1).flatten(1).any(1).cpu()
+    return cols.view(-1, fan).any(1) if fan > 1 else cols
 
 
 class _Capture(fx.Interpreter):

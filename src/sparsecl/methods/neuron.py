@@ -269,10 +269,14 @@ class NeuronIsolation(Method):
         weight.masked_fill_(_rows(rows.to(dev), weight) & _cols(columns(self.ledger.free(source)).to(dev), weight), 0.0)
 
     @torch.no_grad()
-    def _reinitialize_free_units(self, net) -> None:
+    def _reinitialize_free_units(self, net, input_layers: bool = True) -> None:
         """Fresh default initialization (the module's own ``reset_parameters``) of every free
-        row, and default BatchNorm state for free channels."""
+        row, and default BatchNorm state for free channels. ``input_layers=False`` leaves the
+        rows (weights and biases) of the layers reading the model input as they are (CLNP's
+        reading of its Alg. 1, where only the weights leaving a layer of units are free)."""
         for layer in net.graph.layers.values():
+            if not input_layers and layer.source is None:
+                continue
             free = self.ledger.free(layer.group).to(layer.module.weight.device)
             fresh = copy.deepcopy(layer.module)
             fresh.reset_parameters()
