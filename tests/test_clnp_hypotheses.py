@@ -252,3 +252,16 @@ def test_log_reports_owned_and_read_units(single_head):
     for name in net.graph.layers:
         assert last[name]["owned"] == int((~method.ledger.free(name)).sum())
         assert last[name]["read"] == int(read[name].sum())
+
+
+def test_options_reach_the_cli_and_the_method_config():
+    from click.testing import CliRunner
+
+    from sparsecl.commands.run import run
+    from sparsecl.runs import build_method
+
+    out = CliRunner().invoke(run, ["--help"]).output
+    for flag in ("--reinit-input / --no-reinit-input", "--l1 [gradient|proximal]", "--read-threshold"):
+        assert flag in out
+    method = build_method("clnp", {"reinit_input": False, "l1": "proximal", "read_threshold": 0.01})
+    assert (method.config.reinit_input, method.config.l1, method.config.read_threshold) == (False, "proximal", 0.01)
