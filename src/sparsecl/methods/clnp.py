@@ -212,6 +212,8 @@ class CLNP(NeuronIsolation):
         net, rel = session.net, self.config.read_threshold
         read = read_units(net, self.ledger, rel)
         t = session.t
+        if not self.log or self.log[-1].get("task") != t:  # a selection that logged nothing (a subclass's)
+            self.log.append({"task": t})
         self.log[-1]["read_threshold"] = rel
         self.log[-1]["units_read"] = {
             name: {"owned": int((~self.ledger.free(name)).sum()), "read": int(mask.sum()),
