@@ -15,6 +15,7 @@ the correct counts are summed), so no sample is counted twice.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -98,6 +99,9 @@ def shutdown(world: World | None, meet: bool = True) -> None:
     "terminate called without an active exception"). ``meet=False`` skips the barrier, for a
     rank leaving on an error (its peers may never reach it)."""
     if world is not None and dist.is_initialized():
+        # DDP wrappers left from the tasks (reference cycles) are freed while their group lives,
+        # not by the interpreter's teardown after it is gone
+        gc.collect()
         if meet:
             dist.barrier()
         dist.destroy_process_group()
