@@ -89,6 +89,16 @@ def test_methods_and_benchmarks_are_grouped_apart(tmp_path):
                                                         ("ewc", "split-mnist")]
 
 
+def test_stream_options_that_differ_are_named_by_segment(tmp_path):
+    plain = _metrics(seed=0)
+    normalized = _metrics(seed=0)
+    normalized["config"]["stream"][0]["options"]["normalize"] = True
+    rows = summarize_runs([_write(tmp_path / "a", plain), _write(tmp_path / "b", normalized)])
+    md = to_markdown(rows)
+    assert "| stream.0.options.normalize=— |" in md and "| stream.0.options.normalize=True |" in md
+    assert "num_tasks" not in md  # the same in both rows
+
+
 def test_bad_inputs_are_refused_by_name(tmp_path):
     a = _write(tmp_path / "a", _metrics(seed=1))
     b = _write(tmp_path / "b", _metrics(seed=1, acc=0.5))

@@ -189,11 +189,15 @@ def summarize_runs(paths: Iterable[Path]) -> list[SummaryRow]:
 
 
 def _flat(config: dict, prefix: str = "") -> dict[str, str]:
-    """``config`` as ``dotted.key → text`` (nested dicts flattened, lists as JSON)."""
+    """``config`` as ``dotted.key → text``: nested dicts flattened, lists of dicts (the stream's
+    segments) by index (``stream.0.options.normalize``), other lists as JSON."""
     out: dict[str, str] = {}
     for k, v in config.items():
         if isinstance(v, dict):
             out.update(_flat(v, f"{prefix}{k}."))
+        elif isinstance(v, list) and v and all(isinstance(item, dict) for item in v):
+            for i, item in enumerate(v):
+                out.update(_flat(item, f"{prefix}{k}.{i}."))
         else:
             out[f"{prefix}{k}"] = json.dumps(v, default=str) if isinstance(v, (list, tuple)) else str(v)
     return out
