@@ -19,6 +19,7 @@ history, in the phase the method names with ``session.phase("recovery")``).
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
+from dataclasses import field
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Protocol, Sequence
 
 import torch
@@ -27,6 +28,12 @@ from torch import nn
 if TYPE_CHECKING:
     from ..data.types import TaskData
     from ..network import ContinualNetwork
+
+
+def config_field(help: str, choices: tuple[str, ...] | None = None, **kw):
+    """A method config's dataclass field with its CLI help (and, where given, the values
+    ``sparsecl run`` offers as choices), ``kw`` passed to ``dataclasses.field``."""
+    return field(metadata={"help": help, **({"choices": choices} if choices else {})}, **kw)
 
 
 class TaskSession(Protocol):

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
 from ..errors import CheckpointError, ConfigError
 from ..scoring import activation_scores
+from .base import config_field as _opt
 from .neuron import NeuronIsolation
 
 log = logging.getLogger(__name__)
@@ -30,10 +31,6 @@ L1_STEPS = ("gradient", "proximal")
 #: validation split; beyond it they are recomputed for every evaluation (still without touching
 #: the weights).
 CACHE_BYTES = 1 << 30
-
-
-def _opt(help: str, choices: tuple[str, ...] | None = None, **kw):
-    return field(metadata={"help": help, **({"choices": choices} if choices else {})}, **kw)
 
 
 def _floats(text: str, what: str) -> tuple[float, ...]:

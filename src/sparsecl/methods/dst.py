@@ -24,23 +24,20 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..errors import CapacityError, ConfigError
 from ..sparsity import auto_init, cosine_drop_fraction, erk_densities, layer_budget, uniform_densities
+from .base import config_field as _opt
 from .weight import WeightIsolation, mask_of
 
 log = logging.getLogger(__name__)
 
 INITS = ("erk", "uniform", "auto")
 GROWTHS = ("random", "unfired", "gradient", "momentum")
-
-
-def _opt(help: str, **kw):
-    return field(metadata={"help": help}, **kw)
 
 
 @dataclass

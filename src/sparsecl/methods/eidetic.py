@@ -14,12 +14,13 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import ConfigError
 from ..scoring import SCORES, TaylorAccumulator, layer_normalized, taylor_scores, weight_norm_scores
+from .base import config_field as _opt
 from .neuron import NeuronIsolation
 
 
@@ -29,10 +30,6 @@ SEARCHES = ("bisect", "gallop", "walk")
 STOP_ON = ("val", "train", "train-running")
 SCOPES = ("layer", "network")
 _ALL = "*"  # the key of a network-wide prune count
-
-
-def _opt(help: str, **kw):
-    return field(metadata={"help": help}, **kw)
 
 
 @dataclass

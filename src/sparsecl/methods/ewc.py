@@ -20,7 +20,7 @@ Forgets by design: not an isolation method; the trainer reports its forgetting a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -28,15 +28,12 @@ from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 
 from ..errors import ConfigError
+from .base import config_field as _opt
 from .quadratic import QuadraticPenalty
 
 FISHERS = ("empirical", "true")
 #: Per-sample gradients are computed this many bytes at a time (batch size x parameters x 4).
 _PER_SAMPLE_BYTES = 256 * 2**20
-
-
-def _opt(help: str, **kw):
-    return field(metadata={"help": help}, **kw)
 
 
 @dataclass

@@ -20,7 +20,7 @@ Forgets by design: not an isolation method; the trainer reports its forgetting a
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -28,11 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import ConfigError
-from .base import Method
-
-
-def _opt(help: str, **kw):
-    return field(metadata={"help": help}, **kw)
+from .base import Method, config_field as _opt
 
 
 @dataclass

@@ -6,19 +6,16 @@ weight, no masks)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import CapacityError, ConfigError
+from .base import config_field as _opt
 from .weight import WeightIsolation
 
 
 DEFAULT_PRUNE = 0.75
-
-
-def _opt(help: str, **kw):
-    return field(metadata={"help": help}, **kw)
 
 
 @dataclass

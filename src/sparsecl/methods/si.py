@@ -21,16 +21,13 @@ Forgets by design: not an isolation method; the trainer reports its forgetting a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import ConfigError
+from .base import config_field as _opt
 from .quadratic import QuadraticPenalty
-
-
-def _opt(help: str, **kw):
-    return field(metadata={"help": help}, **kw)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,15 +29,12 @@ from threadpoolctl import threadpool_limits
 
 from ..compact import compact_payload
 from ..errors import ConfigError
+from .base import config_field as _opt
 from .wsn import WSN, WSNConfig, top_fraction
 
 log = logging.getLogger(__name__)
 
 KMEANS_SAMPLE = 100_000  # k-means is fitted on at most this many of a layer's new weights
-
-
-def _opt(help: str, **kw):
-    return field(metadata={"help": help}, **kw)
 
 
 @dataclass

@@ -7,17 +7,14 @@ task's. Each task stores its binary mask."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .base import config_field as _opt
 from .weight import TopSelection, WeightIsolation, largest
-
-
-def _opt(help: str, **kw):
-    return field(metadata={"help": help}, **kw)
 
 
 @dataclass
